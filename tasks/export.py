@@ -1,0 +1,80 @@
+"""The export's Celery tasks: thin, each a few lines calling into ``worker.pipeline``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from worker import pipeline
+from worker.celery import send_chain, send_task
+from worker.errors import InputError
+from worker.jobs import ExportOptions
+from worker.runtime import get_runtime
+
+
+@shared_task(name="apsis.export_profile", bind=True)
+def export_profile(
+    self: Task[Any, Any],
+    export_key: str,
+    *,
+    include_attribute_history: bool = False,
+    include_type_definitions: bool = False,
+    include_merged_profiles: bool = True,
+    job_id: str | None = None,
+    reference: str | None = None,
+    batch_id: str | None = None,
+    account: str | None = None,
+) -> dict[str, Any]:
+    """Create the job, ask APSIS for the export, park the caller's chain, and end."""
+    rt = get_runtime()
+    job_id = job_id or pipeline.job_id_from_task_id(self.request.id)
+    stored = {"chain": self.request.chain or [], "link": self.request.callbacks or []}
+    # The chain resumes when the export is stored, not when this task returns.
+    self.request.chain = None
+    self.request.callbacks = None
+    options = ExportOptions(
+        include_attribute_history=include_attribute_history,
+        include_type_definitions=include_type_definitions,
+        include_merged_profiles=include_merged_profiles,
+    )
+    try:
+        pipeline.submit(
+            rt,
+            export_key,
+            options=options,
+            job_id=job_id,
+            reference=reference,
+            batch_id=batch_id,
+            account=account,
+            chain=stored if stored["chain"] or stored["link"] else None,
+        )
+    except InputError as exc:
+        # A caller's bad input: nothing to retry; the error names no personal data.
+        return {"job_id": job_id, "state": "rejected", "error": str(exc)}
+    _request(self, job_id)
+    return {"job_id": job_id, "state": rt.jobs.get(job_id).state.value}
+
+
+@shared_task(name="apsis.request_export", bind=True)
+def request_export(self: Task[Any, Any], job_id: str) -> None:
+    """(Re-)send a queued job's export request to APSIS."""
+    _request(self, job_id)
+
+
+def _request(task: Task[Any, Any], job_id: str) -> None:
+    try:
+        pipeline.request(get_runtime(), job_id)
+    except pipeline.RetryLater as later:
+        raise task.retry(countdown=later.delay, max_retries=None) from None
+
+
+@shared_task(name="apsis.fetch_export", bind=True)
+def fetch_export(self: Task[Any, Any], job_id: str) -> None:
+    """Download, split and store a ready job; then resume the caller's chain."""
+    rt = get_runtime()
+    try:
+        pipeline.fetch_and_store(rt, job_id, send_task)
+    except pipeline.RetryLater as later:
+        raise self.retry(countdown=later.delay, max_retries=None) from None
+    pipeline.resume_caller_chain(rt, job_id, send_chain)

@@ -1,0 +1,75 @@
+"""The webhook's app factory: settings, the Redis-backed resources, blueprints, JSON errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from worker.config import Settings, load_settings
+from worker.inbox import Inbox
+from worker.jobs import JobStore
+from worker.runtime import redis_client
+
+#: Seconds a Redis call from the webhook may take before it answers 503 (APSIS retries).
+WEBHOOK_REDIS_TIMEOUT = 2.0
+
+
+@dataclass
+class WebhookResources:
+    settings: Settings
+    redis: redis.Redis
+    jobs: JobStore
+    inbox: Inbox
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        current = self.settings.CALLBACK_SECRET or ""
+        previous = self.settings.CALLBACK_SECRET_PREVIOUS
+        return (current, previous) if previous else (current,)
+
+
+def resources(app: Flask) -> WebhookResources:
+    found: WebhookResources = app.extensions["apsis"]
+    return found
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the webhook; ``settings`` default to the environment's."""
+    settings = (settings or load_settings()).require("CALLBACK_SECRET")
+    app = Flask("webhook")
+    # Werkzeug refuses larger bodies with 413 before reading them (Content-Length or not).
+    app.config["MAX_CONTENT_LENGTH"] = settings.CALLBACK_MAX_BYTES
+    client = redis_client(settings.REDIS_URL)
+    client.connection_pool.connection_kwargs["socket_timeout"] = WEBHOOK_REDIS_TIMEOUT
+    client.connection_pool.connection_kwargs["socket_connect_timeout"] = WEBHOOK_REDIS_TIMEOUT
+    app.extensions["apsis"] = WebhookResources(
+        settings=settings, redis=client, jobs=JobStore(client), inbox=Inbox(client)
+    )
+
+    from webhook import callbacks, health
+
+    app.register_blueprint(callbacks.bp)
+    app.register_blueprint(health.bp)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        response = jsonify(error=(exc.name or "error").lower(), detail=exc.description)
+        # Keep the exception's own headers (405 must name the allowed methods in Allow).
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, status
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(exc: redis.RedisError) -> tuple[Response, int]:
+        # Not recorded: say so, so APSIS (or any caller) retries rather than believing us.
+        app.logger.warning("redis unavailable: %s", type(exc).__name__)
+        response = jsonify(error="unavailable", detail="callback store unavailable; retry")
+        response.headers["Retry-After"] = "5"
+        return response, 503
+
+    return app

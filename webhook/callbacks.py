@@ -1,0 +1,96 @@
+"""POST /callbacks/<token>: verify, validate, record in the inbox, answer quickly."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from webhook.app import resources
+from worker import callback_token
+from worker.jobs import FINAL, State
+
+bp = Blueprint("callbacks", __name__)
+log = logging.getLogger("apsis.webhook")
+
+#: Longest ``message`` accepted, in characters (a download URL is ~150).
+MAX_MESSAGE_CHARS = 2048
+#: Callbacks one job may receive per window before the webhook answers 429.
+FLOOD_LIMIT = 20
+FLOOD_WINDOW_SECONDS = 60
+
+
+def _error(status: int, error: str, detail: str) -> tuple[Response, int]:
+    return jsonify(error=error, detail=detail), status
+
+
+def _ok(status: str, job_id: str, http: int = 200) -> tuple[Response, int]:
+    return jsonify(status=status, job_id=job_id), http
+
+
+@bp.post("/callbacks/<token>")
+def receive(token: str) -> tuple[Response, int]:
+    res = resources(current_app)
+    try:
+        claim = callback_token.verify(token, secrets=res.secrets)
+    except callback_token.ExpiredCallbackToken:
+        log.warning("callback with an expired token refused", extra={"status": 410})
+        return _error(410, "expired", "callback token expired")
+    except callback_token.InvalidCallbackToken:
+        log.warning("callback with an invalid token refused", extra={"status": 403})
+        return _error(403, "forbidden", "invalid callback token")
+    ctx = {"job_id": claim.job_id, "attempt": claim.attempt}
+
+    limit = res.settings.CALLBACK_MAX_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, "too_large", f"body is larger than {limit} bytes")
+    if request.mimetype != "application/json":
+        return _error(415, "unsupported_media_type", "send application/json")
+    body: Any = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, "bad_request", "body must be a JSON object")
+    code, message = body.get("code"), body.get("message")
+    if not isinstance(code, int) or isinstance(code, bool):
+        return _error(422, "invalid", "'code' must be an integer")
+    if not isinstance(message, str):
+        return _error(422, "invalid", "'message' must be a string")
+    if not 100 <= code <= 599:
+        return _error(422, "invalid", "'code' must be between 100 and 599")
+    if len(message) > MAX_MESSAGE_CHARS:
+        return _error(422, "invalid", f"'message' is longer than {MAX_MESSAGE_CHARS} characters")
+    if not message.isascii():
+        try:
+            # JSON may carry lone surrogates ("\ud800"): no UTF-8 form, so Redis cannot store them.
+            message.encode()
+        except UnicodeEncodeError:
+            return _error(422, "invalid", "'message' is not valid Unicode text")
+
+    job = res.jobs.find(claim.job_id)
+    if job is None:
+        log.info("callback for an unknown job", extra={**ctx, "status": 404})
+        return _error(404, "not_found", "no such job")
+    # Repeats answer 2xx (so APSIS stops retrying) but record nothing and resume nothing.
+    if job.state in FINAL:
+        return _ok("ignored", claim.job_id)
+    if claim.attempt != job.attempt:
+        return _ok("ignored", claim.job_id)
+    if code == 100 and job.state not in (State.QUEUED, State.REQUESTED):
+        return _ok("duplicate", claim.job_id)
+    if code != 100 and job.state == State.READY:
+        return _ok("duplicate", claim.job_id)
+
+    flood_key = f"apsis:flood:{claim.job_id}"
+    pipe = res.redis.pipeline(transaction=True)
+    pipe.incr(flood_key)
+    pipe.expire(flood_key, FLOOD_WINDOW_SECONDS, nx=True)
+    seen = int(pipe.execute()[0])
+    if seen > FLOOD_LIMIT:
+        log.warning("callback flood refused", extra={**ctx, "status": 429})
+        response, status = _error(429, "too_many_requests", "too many callbacks for this job")
+        response.headers["Retry-After"] = str(FLOOD_WINDOW_SECONDS)
+        return response, status
+
+    entry = res.inbox.append(job_id=claim.job_id, attempt=claim.attempt, code=code, message=message)
+    log.info("callback recorded", extra={**ctx, "code": code})
+    return jsonify(status="recorded", job_id=claim.job_id, entry=entry), 202

@@ -1,0 +1,50 @@
+"""Serve the webhook with gunicorn (``apsis-export webhook``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from webhook.app import create_app
+from worker.config import Settings
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
+        self._app = app
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return self._app
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 8080,
+    workers: int = 2,
+    threads: int = 4,
+) -> None:
+    """Run gunicorn in the foreground; the app is built once, before the workers fork."""
+    app = create_app(settings)
+    options = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "threads": threads,
+        "worker_class": "gthread",
+        # The webhook answers in milliseconds; a slow client must not hold a thread long.
+        "timeout": 30,
+        "keepalive": 5,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+    }
+    _Gunicorn(app, options).run()

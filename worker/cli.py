@@ -1,0 +1,217 @@
+"""The ``apsis-export`` command: enqueue and inspect exports, run each role, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+
+from worker import pipeline
+from worker.config import Settings, load_settings
+from worker.errors import ExportError, JobNotFound
+from worker.jobs import FINAL, Job, State, new_job_id
+from worker.runtime import Runtime, build_runtime
+
+#: Seconds between two looks at a job while waiting for it.
+WAIT_POLL = 0.5
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _job_json(rt: Runtime, job: Job) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "state": job.state.value,
+        "reference": job.reference,
+        "batch_id": job.batch_id,
+        "attempt": job.attempt,
+        "retries": job.retries,
+        "manifest": job.manifest,
+        "profiles": job.profiles,
+        "bytes": job.source_bytes,
+        "error": job.error,
+        "history": rt.jobs.history(job.job_id),
+    }
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.celery import app
+
+    export_key = pipeline.validate_export_key(args.export_key)
+    job_id = pipeline.validate_job_id(args.job_id) if args.job_id else new_job_id()
+    rt = build_runtime(settings)
+    rt.redis.ping()
+    app.send_task(
+        "apsis.export_profile",
+        args=[export_key],
+        kwargs={
+            "include_attribute_history": args.history,
+            "include_type_definitions": args.definitions,
+            "include_merged_profiles": not args.no_merged,
+            "job_id": job_id,
+            "reference": args.reference,
+        },
+    )
+    if not args.wait:
+        if args.json:
+            print(json.dumps({"job_id": job_id, "state": "submitted", "manifest": None}))
+        else:
+            print(job_id)
+        return 0
+    job = _wait(rt, job_id, quiet=args.json, timeout=args.timeout)
+    if args.json:
+        print(json.dumps({"job_id": job_id, "state": job.state.value, "manifest": job.manifest}))
+    else:
+        print(f"{job_id} {job.state.value} {job.manifest or job.error or ''}")
+    return 0 if job.state == State.DONE else 1
+
+
+def _wait(rt: Runtime, job_id: str, *, quiet: bool, timeout: float) -> Job:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        job = rt.jobs.find(job_id)
+        state = job.state.value if job else "submitted"
+        if state != last and not quiet:
+            sys.stderr.write(f"  {time.strftime('%H:%M:%S')} {job_id} {state}\n")
+            last = state
+        if job is not None and job.state in FINAL:
+            return job
+        if time.monotonic() > deadline:
+            raise ExportError(f"job {job_id} still {state} after {timeout:.0f} s")
+        time.sleep(WAIT_POLL)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    rt = build_runtime(settings)
+    job_id = pipeline.validate_job_id(args.job_id)
+    job = rt.jobs.get(job_id)
+    data = _job_json(rt, job)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"job       {job.job_id}")
+    print(f"state     {job.state.value}")
+    if job.reference:
+        print(f"reference {job.reference}")
+    print(f"attempt   {job.attempt} (retries {job.retries})")
+    if job.manifest:
+        print(f"manifest  {job.manifest}")
+        print(f"profiles  {job.profiles}  bytes {job.source_bytes}")
+    if job.error:
+        print(f"error     {job.error}")
+    print("history")
+    for entry in data["history"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["at"]))
+        print(f"  {when}  {entry['state']:<9}  {entry['note']}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require(
+        "APSIS_CLIENT_ID", "APSIS_CLIENT_SECRET", "CALLBACK_BASE_URL", "CALLBACK_SECRET"
+    )
+    from worker.celery import app
+
+    argv = ["worker", f"--loglevel={settings.LOG_LEVEL}", f"--concurrency={args.concurrency}"]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace, settings: Settings) -> int:
+    serve = importlib.import_module("webhook.serve")
+    serve.serve(settings, host=args.host, port=args.port, workers=args.workers)
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
+    server = importlib.import_module("sandbox.server")
+    server.serve(args.host, args.port, None)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    demo = importlib.import_module("worker.demo")
+    result: int = demo.run(keep=args.keep)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apsis-export", description="GDPR profile exports from APSIS One."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export one data subject's profile")
+    p.add_argument("export_key", help="the profile's key in com.apsis1.keyspaces.export")
+    p.add_argument("--history", action="store_true", help="include attribute history")
+    p.add_argument("--definitions", action="store_true", help="include type definitions")
+    p.add_argument("--no-merged", action="store_true", help="leave out merged profiles")
+    p.add_argument("--reference", help="your own id for this request (e.g. a ticket number)")
+    p.add_argument("--job-id", help="idempotency key: the same id twice is one job")
+    p.add_argument("--wait", action="store_true", help="wait until the job ends")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("status", help="show a job's state, history and result")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("worker", help="run a Celery worker (tasks and the callback inbox)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--hostname", help="Celery node name (default: celery@<host>)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("webhook", help="serve the callback webhook with gunicorn")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_webhook)
+
+    p = sub.add_parser("sandbox", help="serve the APSIS One simulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("demo", help="run a real export end to end on embedded defaults")
+    p.add_argument("--keep", action="store_true", help="leave the demo's logs in place")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings: Settings | None = None
+    try:
+        settings = load_settings()
+        code: int = args.func(args, settings)
+        return code
+    except ExportError as exc:
+        sys.stderr.write(f"apsis-export: {exc}\n")
+        return exc.exit_code if not isinstance(exc, JobNotFound) else JobNotFound.exit_code
+    except redis.RedisError as exc:
+        where = _redacted(settings.REDIS_URL) if settings else "REDIS_URL"
+        sys.stderr.write(f"apsis-export: cannot reach Redis at {where} ({type(exc).__name__})\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

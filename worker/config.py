@@ -1,0 +1,135 @@
+"""Typed configuration read from the environment (pydantic-settings), with one-line errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+#: Minimum length of a callback secret, in bytes (HMAC-SHA256 keys shorter than the
+#: digest weaken it).
+MIN_SECRET_BYTES = 32
+
+
+class Settings(BaseSettings):
+    """Every setting, named as its environment variable. Units are in the names or docs."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=True, frozen=True)
+
+    # APSIS One
+    APSIS_BASE_URL: str = "https://api.apsis.one"
+    APSIS_CLIENT_ID: str | None = None
+    APSIS_CLIENT_SECRET: str | None = None
+    #: Name of the APSIS account: keys the shared token cache and the rate-limit buckets.
+    APSIS_ACCOUNT: str = "default"
+    #: Export requests per second allowed for the account (documented: 1).
+    APSIS_EXPORT_RATE: float = Field(1.0, gt=0)
+    #: Downloads per minute allowed for the account (documented: 60).
+    APSIS_DOWNLOAD_RATE: float = Field(60.0, gt=0)
+    #: Token requests per minute allowed for the account (documented: 10).
+    APSIS_TOKEN_RATE: float = Field(10.0, gt=0)
+    #: Seconds to wait for APSIS's "ready" callback before re-requesting the export.
+    APSIS_CALLBACK_TIMEOUT: int = Field(6 * 3600, gt=0)
+    #: Seconds from a job's creation after which it fails if not done (GDPR allows a month).
+    EXPORT_DEADLINE: int = Field(7 * 24 * 3600, gt=0)
+
+    # Redis: the Celery broker, the job store, the inbox stream and the shared limits.
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+
+    # The callback webhook
+    #: Public base URL of the webhook, as APSIS must reach it (e.g. https://hooks.example.com).
+    CALLBACK_BASE_URL: str | None = None
+    #: Key of the HMAC on callback tokens; at least 32 bytes.
+    CALLBACK_SECRET: str | None = None
+    #: The secret before a rotation; tokens it signed stay valid until they expire.
+    CALLBACK_SECRET_PREVIOUS: str | None = None
+    #: Seconds a callback token stays valid (callbacks may arrive hours late).
+    CALLBACK_TOKEN_TTL: int = Field(7 * 24 * 3600, gt=0)
+    #: Largest callback body accepted, in bytes.
+    CALLBACK_MAX_BYTES: int = Field(16 * 1024, gt=0)
+
+    # Downloads
+    #: Largest export file downloaded, in bytes (default 20 GiB).
+    DOWNLOAD_MAX_BYTES: int = Field(20 * 1024**3, gt=0)
+    #: Seconds one download may take in all (default 2 hours).
+    DOWNLOAD_TIMEOUT: float = Field(2 * 3600.0, gt=0)
+
+    # Storage
+    #: Where results go: file:///path, s3://bucket/prefix, gs://..., az://..., memory:///
+    STORAGE_URL: str = "file://./exports"
+
+    # Celery
+    #: Seconds before the Redis broker redelivers an unacknowledged task.
+    CELERY_VISIBILITY_TIMEOUT: int = Field(3600, gt=0)
+    #: Seconds the inbox leaves an entry with a consumer before another reclaims it.
+    INBOX_RECLAIM_AFTER: float = Field(60.0, gt=0)
+
+    # Logging
+    LOG_LEVEL: str = "INFO"
+
+    @field_validator("APSIS_BASE_URL", "CALLBACK_BASE_URL")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("STORAGE_URL")
+    @classmethod
+    def _storage_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("file", "s3", "gs", "az", "memory"):
+            raise ValueError("must start with file://, s3://, gs://, az:// or memory://")
+        if scheme == "file":
+            path = value.removeprefix("file://")
+            return "file://" + str(Path(path).expanduser().resolve())
+        return value
+
+    @field_validator("CALLBACK_SECRET", "CALLBACK_SECRET_PREVIOUS")
+    @classmethod
+    def _secret_length(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes long")
+        return value
+
+    @field_validator("LOG_LEVEL")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    def require(self, *names: str) -> Settings:
+        """Raise ConfigError naming the first of ``names`` that is unset; return self."""
+        for name in names:
+            if getattr(self, name) in (None, ""):
+                raise ConfigError(f"{name} is not set")
+        return self
+
+
+def load_settings(*, require: Iterable[str] = (), **overrides: object) -> Settings:
+    """Read the settings from the environment; any problem is one ConfigError line."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(part) for part in error["loc"]) or "configuration"
+        message = error["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{name} is invalid: {message}") from None
+    return settings.require(*require)

@@ -1,0 +1,116 @@
+"""The callback inbox: a Redis stream the webhook appends to and the pool reads as a group.
+
+At-least-once: an entry stays pending with the consumer that read it until that consumer
+acknowledges it, after the job's transition is durable; entries left pending by a consumer
+that died are reclaimed by another after ``min_idle`` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+#: The stream's name and its consumer group's.
+STREAM = "apsis:inbox"
+GROUP = "apsis-workers"
+#: Stream where finished jobs and batches are announced for other services.
+EVENTS_STREAM = "apsis:events"
+#: Approximate length the events stream is trimmed to (it is a notification feed, not a log).
+EVENTS_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class Callback:
+    """One recorded callback: which job and attempt, APSIS's code and message."""
+
+    entry_id: str
+    job_id: str
+    attempt: int
+    code: int
+    message: str
+    received_at: float
+    deliveries: int = 1
+
+
+def _decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Callback:
+    data = {k.decode(): v.decode() for k, v in fields.items()}
+    return Callback(
+        entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        job_id=data.get("job_id", ""),
+        attempt=int(data.get("attempt", "0") or 0),
+        code=int(data.get("code", "0") or 0),
+        message=data.get("message", ""),
+        received_at=float(data.get("received_at", "0") or 0),
+    )
+
+
+class Inbox:
+    """Append and consume recorded callbacks."""
+
+    def __init__(self, client: redis.Redis, *, stream: str = STREAM, group: str = GROUP) -> None:
+        self._client = client
+        self.stream = stream
+        self.group = group
+        self._group_ready = False
+
+    def append(self, *, job_id: str, attempt: int, code: int, message: str) -> str:
+        """Record a callback durably; returns the entry id."""
+        entry_id = self._client.xadd(
+            self.stream,
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "code": code,
+                "message": message,
+                "received_at": repr(time.time()),
+            },
+        )
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self._client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def read(self, consumer: str, *, count: int = 100, block_ms: int = 1000) -> list[Callback]:
+        """New entries for this consumer, waiting up to ``block_ms`` for some."""
+        self.ensure_group()
+        answer: Any = self._client.xreadgroup(
+            self.group, consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        callbacks: list[Callback] = []
+        for _stream, entries in answer or []:
+            callbacks += [_decode(entry_id, fields) for entry_id, fields in entries if fields]
+        return callbacks
+
+    def reclaim(self, consumer: str, *, min_idle: float, count: int = 100) -> list[Callback]:
+        """Take over entries another consumer read but did not acknowledge in ``min_idle`` s."""
+        self.ensure_group()
+        answer: Any = self._client.xautoclaim(
+            self.stream, self.group, consumer, min_idle_time=int(min_idle * 1000), count=count
+        )
+        entries: list[Any] = answer[1] if answer else []
+        return [_decode(entry_id, fields) for entry_id, fields in entries if fields]
+
+    def ack(self, entry_id: str) -> None:
+        """Acknowledge and delete: the job's history keeps what the callback did."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.xdel(self.stream, entry_id)
+        pipe.execute()
+
+    def backlog(self) -> int:
+        """Entries recorded and not yet acknowledged."""
+        return int(self._client.xlen(self.stream))
+
+    def announce(self, event: dict[str, str]) -> None:
+        """Publish a completion event for other services (approximately trimmed)."""
+        self._client.xadd(EVENTS_STREAM, event, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]

@@ -1,0 +1,356 @@
+"""The job record and its state machine, in Redis, changed only by atomic transitions.
+
+One hash per job (``apsis:job:<id>``), its history in a list beside it, a sorted set of jobs
+waiting for APSIS (scored by callback deadline) and a hash of counts per state. Every change
+goes through one Lua script that checks the current state (and attempt) first, so a
+duplicate, late or out-of-order callback is a no-op, never a second download.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from worker.errors import JobNotFound
+
+
+class State(StrEnum):
+    QUEUED = "queued"  # recorded; the export request to APSIS is not sent yet
+    REQUESTED = "requested"  # APSIS answered 202; waiting for its callbacks, no task running
+    VERIFIED = "verified"  # APSIS's "callback verified" (code 100) arrived
+    READY = "ready"  # the "ready" callback (code 200) arrived; the fetch task is dispatched
+    DONE = "done"  # every object and the manifest are stored; the caller's chain resumed
+    FAILED = "failed"  # ended with a reason
+
+
+#: States in which a job waits for APSIS and holds no worker slot.
+WAITING = (State.REQUESTED, State.VERIFIED)
+#: States a job never leaves on its own.
+FINAL = (State.DONE, State.FAILED)
+
+#: Which states each state may be entered from.
+ALLOWED_FROM: dict[State, tuple[State, ...]] = {
+    State.REQUESTED: (State.QUEUED,),
+    State.VERIFIED: (State.REQUESTED,),
+    State.READY: (State.REQUESTED, State.VERIFIED),
+    State.DONE: (State.READY,),
+    State.FAILED: (State.QUEUED, State.REQUESTED, State.VERIFIED, State.READY),
+    State.QUEUED: (State.REQUESTED, State.VERIFIED, State.READY, State.FAILED),
+}
+
+# KEYS: job, history, waiting zset, state counts.
+# ARGV: to, allowed-from (comma list), expected attempt ('' = any), now, history entry,
+#       waiting score ('' = leave the waiting set, 'keep' = as it is), attempt increment,
+#       then field/value pairs.
+# Returns {applied (0/1), the state after the call}.
+_TRANSITION = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, ''} end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do
+  if s == state then allowed = true end
+end
+if not allowed then return {0, state} end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then
+  return {0, state}
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[4])
+for i = 8, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[1], 'attempt', ARGV[7]) end
+redis.call('RPUSH', KEYS[2], ARGV[5])
+if ARGV[6] == '' then
+  redis.call('ZREM', KEYS[3], KEYS[1])
+elseif ARGV[6] ~= 'keep' then
+  redis.call('ZADD', KEYS[3], ARGV[6], KEYS[1])
+end
+redis.call('HINCRBY', KEYS[4], state, -1)
+redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+return {1, ARGV[1]}
+"""
+
+# KEYS: job, history, state counts, id index (the caller's job id → job). ARGV: history
+# entry, then field/value pairs. Creates the job unless it exists: returns 1 if created.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'queued', 1)
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to ask APSIS to include in the export."""
+
+    include_attribute_history: bool = False
+    include_type_definitions: bool = False
+    include_merged_profiles: bool = True
+
+    def to_json(self) -> dict[str, bool]:
+        return {
+            "include_attribute_history": self.include_attribute_history,
+            "include_type_definitions": self.include_type_definitions,
+            "include_merged_profiles": self.include_merged_profiles,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ExportOptions:
+        return cls(**{k: bool(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job record."""
+
+    job_id: str
+    state: State
+    export_key: str
+    account: str
+    options: ExportOptions
+    attempt: int
+    created_at: float
+    updated_at: float
+    deadline: float
+    reference: str | None = None
+    batch_id: str | None = None
+    download_url: str | None = None
+    ready_entry: str | None = None
+    error: str | None = None
+    manifest: str | None = None
+    manifest_sha256: str | None = None
+    source_sha256: str | None = None
+    source_bytes: int | None = None
+    profiles: int | None = None
+    chain: dict[str, Any] | None = None
+    chain_dispatched: bool = False
+    retries: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL
+
+
+_KNOWN_FIELDS = {
+    "job_id",
+    "state",
+    "export_key",
+    "account",
+    "options",
+    "attempt",
+    "created_at",
+    "updated_at",
+    "deadline",
+    "reference",
+    "batch_id",
+    "download_url",
+    "ready_entry",
+    "error",
+    "manifest",
+    "manifest_sha256",
+    "source_sha256",
+    "source_bytes",
+    "profiles",
+    "chain",
+    "chain_dispatched",
+    "retries",
+}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _job_from_hash(raw: Mapping[bytes, bytes]) -> Job:
+    data = {k.decode(): v.decode() for k, v in raw.items()}
+
+    def opt(name: str) -> str | None:
+        value = data.get(name)
+        return value if value not in (None, "") else None
+
+    source_bytes, profiles = opt("source_bytes"), opt("profiles")
+    chain = opt("chain")
+    return Job(
+        job_id=data["job_id"],
+        state=State(data["state"]),
+        export_key=data["export_key"],
+        account=data["account"],
+        options=ExportOptions.from_json(json.loads(data.get("options", "{}"))),
+        attempt=int(data.get("attempt", "1")),
+        created_at=float(data["created_at"]),
+        updated_at=float(data.get("updated_at", data["created_at"])),
+        deadline=float(data["deadline"]),
+        reference=opt("reference"),
+        batch_id=opt("batch_id"),
+        download_url=opt("download_url"),
+        ready_entry=opt("ready_entry"),
+        error=opt("error"),
+        manifest=opt("manifest"),
+        manifest_sha256=opt("manifest_sha256"),
+        source_sha256=opt("source_sha256"),
+        source_bytes=int(source_bytes) if source_bytes else None,
+        profiles=int(profiles) if profiles else None,
+        chain=json.loads(chain) if chain else None,
+        chain_dispatched=data.get("chain_dispatched") == "1",
+        retries=int(data.get("retries", "0")),
+        extra={k: v for k, v in data.items() if k not in _KNOWN_FIELDS},
+    )
+
+
+def _encode(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return "" if value is None else str(value)
+
+
+class JobStore:
+    """Reads and changes job records; the only code that writes them."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "apsis") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE)
+        self.waiting_key = f"{prefix}:jobs:waiting"
+        self.counts_key = f"{prefix}:jobs:counts"
+
+    def key(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}"
+
+    def history_key(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}:history"
+
+    def create(
+        self,
+        job_id: str,
+        *,
+        export_key: str,
+        account: str,
+        options: ExportOptions,
+        deadline_seconds: float,
+        reference: str | None = None,
+        batch_id: str | None = None,
+        chain: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Record a new job in state ``queued``; False (and no change) if the id exists."""
+        now = time.time() if now is None else now
+        fields: dict[str, object] = {
+            "job_id": job_id,
+            "state": State.QUEUED.value,
+            "export_key": export_key,
+            "account": account,
+            "options": options.to_json(),
+            "attempt": 1,
+            "created_at": now,
+            "updated_at": now,
+            "deadline": now + deadline_seconds,
+            "reference": reference,
+            "batch_id": batch_id,
+            "chain": chain,
+            "retries": 0,
+        }
+        args: list[str] = [_history(State.QUEUED, now, "created")]
+        for name, value in fields.items():
+            if value is not None:
+                args += [name, _encode(value)]
+        keys = [self.key(job_id), self.history_key(job_id), self.counts_key]
+        return bool(self._create(keys=keys, args=args))
+
+    def get(self, job_id: str) -> Job:
+        raw = self._client.hgetall(self.key(job_id))
+        if not raw:
+            raise JobNotFound(f"no job {job_id}")
+        return _job_from_hash(raw)  # type: ignore[arg-type]
+
+    def find(self, job_id: str) -> Job | None:
+        try:
+            return self.get(job_id)
+        except JobNotFound:
+            return None
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self._client.exists(self.key(job_id)))
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        entries = self._client.lrange(self.history_key(job_id), 0, -1)
+        return [json.loads(entry) for entry in entries]
+
+    def transition(
+        self,
+        job_id: str,
+        to: State,
+        *,
+        note: str = "",
+        attempt: int | None = None,
+        waiting_until: float | None = None,
+        keep_waiting: bool = False,
+        new_attempt: bool = False,
+        fields: Mapping[str, object] | None = None,
+        allowed_from: Iterable[State] | None = None,
+        now: float | None = None,
+    ) -> tuple[bool, State | None]:
+        """Move the job to ``to`` if its state allows it (and its attempt matches).
+
+        Returns (applied, state after). Not applied means a no-op: the job was already
+        past that point, or the call was for an older attempt.
+        """
+        now = time.time() if now is None else now
+        sources = ALLOWED_FROM[to] if allowed_from is None else tuple(allowed_from)
+        args: list[str] = [
+            to.value,
+            ",".join(s.value for s in sources),
+            "" if attempt is None else str(attempt),
+            repr(now),
+            _history(to, now, note),
+            "keep" if keep_waiting else "" if waiting_until is None else repr(waiting_until),
+            "1" if new_attempt else "0",
+        ]
+        for name, value in (fields or {}).items():
+            args += [name, _encode(value)]
+        keys = [self.key(job_id), self.history_key(job_id), self.waiting_key, self.counts_key]
+        applied, state = self._transition(keys=keys, args=args)
+        state_text = state.decode() if isinstance(state, bytes) else str(state)
+        return bool(applied), State(state_text) if state_text else None
+
+    def update(self, job_id: str, fields: Mapping[str, object]) -> None:
+        """Set fields that are not part of the state machine (progress, results)."""
+        if fields:
+            mapping: dict[str | bytes, str] = {k: _encode(v) for k, v in fields.items()}
+            self._client.hset(self.key(job_id), mapping=mapping)  # type: ignore[arg-type]
+
+    def count_retry(self, job_id: str) -> int:
+        """Count one more retry on the job (the cap is the job's, not Celery's task id's)."""
+        return int(self._client.hincrby(self.key(job_id), "retries", 1))
+
+    def mark_chain_dispatched(self, job_id: str) -> None:
+        self._client.hset(self.key(job_id), "chain_dispatched", "1")
+
+    def counts(self) -> dict[str, int]:
+        raw = self._client.hgetall(self.counts_key)
+        return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+    def overdue(self, now: float | None = None, *, limit: int = 100) -> list[str]:
+        """Job ids whose callback deadline has passed."""
+        now = time.time() if now is None else now
+        keys = self._client.zrangebyscore(self.waiting_key, "-inf", now, start=0, num=limit)
+        prefix = f"{self._prefix}:job:"
+        return [k.decode().removeprefix(prefix) for k in keys]  # type: ignore[union-attr]
+
+
+def _history(state: State, now: float, note: str) -> str:
+    return json.dumps({"state": state.value, "at": round(now, 3), "note": note})

@@ -1,0 +1,86 @@
+"""Logging: JSON lines (or readable text on a terminal), and export keys as short keyed hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+#: Fields copied from a record's ``extra`` into the log line, when present.
+CONTEXT_FIELDS = (
+    "job_id",
+    "batch_id",
+    "key_ref",
+    "state",
+    "attempt",
+    "code",
+    "status",
+    "reason",
+    "event",
+    "bytes",
+    "profiles",
+    "seconds",
+    "retry_in",
+)
+
+#: Hex characters of the keyed hash logged in place of an export key (48 bits: enough to
+#: correlate lines, too short to be a lookup table's key on its own).
+KEY_REF_CHARS = 12
+
+
+def key_ref(export_key: str, secret: bytes) -> str:
+    """A short keyed hash of an export key: what logs carry instead of the key itself."""
+    digest = hmac.new(secret, b"key-ref:" + export_key.encode(), hashlib.sha256).hexdigest()
+    return digest[:KEY_REF_CHARS]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the context fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for field in CONTEXT_FIELDS:
+            value = record.__dict__.get(field)
+            if value is not None:
+                line[field] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            line["error_type"] = record.exc_info[0].__name__
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Readable lines for a terminal, with the context fields appended as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} "
+        base += f"{record.levelname:<7} {record.name}: {record.getMessage()}"
+        extras = [
+            f"{field}={record.__dict__[field]}"
+            for field in CONTEXT_FIELDS
+            if record.__dict__.get(field) is not None
+        ]
+        return base + ("  " + " ".join(extras) if extras else "")
+
+
+def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
+    """Send this process's logs to stderr: JSON lines unless stderr is a terminal."""
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Libraries that log URLs (which can carry callback tokens) stay at WARNING.
+    for noisy in ("urllib3", "werkzeug", "botocore", "kombu", "amqp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

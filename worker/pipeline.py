@@ -1,0 +1,456 @@
+"""The export's steps, as plain functions of a Runtime: the tasks call these and nothing else.
+
+submit → request (APSIS 202, the job waits, no task runs) → callback recorded by the webhook
+→ apply_callback (ready: fetch dispatched) → fetch_and_store → finish (manifest last, the
+caller's chain resumed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import tempfile
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker import callback_token, manifest
+from worker.errors import (
+    ApsisAuthError,
+    CorruptExport,
+    DownloadError,
+    DownloadRefused,
+    InvalidExportKey,
+    PermanentApsisError,
+    RateLimited,
+    RetryableApsisError,
+    StorageError,
+)
+from worker.export_file import split_export
+from worker.inbox import Callback
+from worker.jobs import ExportOptions, Job, State, new_job_id
+from worker.runtime import Runtime
+
+log = logging.getLogger("apsis.pipeline")
+
+#: Longest export key accepted, in characters (APSIS keys are e-mail-sized).
+MAX_EXPORT_KEY_CHARS = 512
+#: Retries (APSIS errors, storage errors, bad downloads) one job may spend in all.
+MAX_RETRIES_PER_JOB = 30
+#: Times a bad download (truncated, corrupt, 410) is fetched again before re-requesting.
+MAX_FETCHES_PER_ATTEMPT = 3
+#: Export requests (attempts) one job may make before it fails.
+MAX_ATTEMPTS = 4
+#: Backoff: first delay and cap, in seconds (full jitter between half and the full value).
+BACKOFF_BASE = 2.0
+BACKOFF_CAP = 300.0
+#: Task names, as strings: worker/ never imports tasks/.
+FETCH_TASK = "apsis.fetch_export"
+REQUEST_TASK = "apsis.request_export"
+
+Dispatch = Callable[[str, list[Any]], None]
+
+
+class RetryLater(Exception):
+    """The step could not finish now; run it again after ``delay`` seconds."""
+
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.reason = reason
+
+
+def backoff(retries: int, *, retry_after: float | None = None, cap: float = BACKOFF_CAP) -> float:
+    """Exponential backoff with jitter; ``Retry-After`` wins when APSIS gave one."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.05), cap)
+    ceiling = min(cap, BACKOFF_BASE * 2 ** min(retries, 16))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def validate_export_key(export_key: object) -> str:
+    """The key as APSIS will get it, or InvalidExportKey with a reason (never the key)."""
+    if not isinstance(export_key, str):
+        raise InvalidExportKey("export key must be a string")
+    if not export_key.strip():
+        raise InvalidExportKey("export key is empty")
+    if len(export_key) > MAX_EXPORT_KEY_CHARS:
+        raise InvalidExportKey(f"export key is longer than {MAX_EXPORT_KEY_CHARS} characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in export_key):
+        raise InvalidExportKey("export key contains control characters")
+    return export_key
+
+
+def validate_job_id(job_id: str) -> str:
+    if not callback_token.JOB_ID_PATTERN.match(job_id):
+        raise InvalidExportKey("job id must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
+    return job_id
+
+
+def job_id_from_task_id(task_id: str | None) -> str:
+    """A redelivered task message keeps its id, so the job it creates is the same job."""
+    return task_id.replace("-", "") if task_id else new_job_id()
+
+
+# -- submit and request ----------------------------------------------------------------
+
+
+def submit(
+    rt: Runtime,
+    export_key: str,
+    *,
+    options: ExportOptions,
+    job_id: str,
+    reference: str | None = None,
+    batch_id: str | None = None,
+    account: str | None = None,
+    chain: dict[str, Any] | None = None,
+) -> bool:
+    """Create the job record (idempotent on ``job_id``); True if it is new."""
+    validate_export_key(export_key)
+    validate_job_id(job_id)
+    created = rt.jobs.create(
+        job_id,
+        export_key=export_key,
+        account=account or rt.settings.APSIS_ACCOUNT,
+        options=options,
+        deadline_seconds=rt.settings.EXPORT_DEADLINE,
+        reference=reference,
+        batch_id=batch_id,
+        chain=chain,
+    )
+    extra = {"job_id": job_id, "key_ref": rt.key_ref(export_key)}
+    log.info("job created" if created else "job exists already", extra=extra)
+    return created
+
+
+def callback_url(rt: Runtime, job: Job) -> str:
+    s = rt.settings.require("CALLBACK_BASE_URL", "CALLBACK_SECRET")
+    token = callback_token.issue(
+        job.job_id, job.attempt, secret=s.CALLBACK_SECRET or "", ttl=s.CALLBACK_TOKEN_TTL
+    )
+    return f"{s.CALLBACK_BASE_URL}/callbacks/{token}"
+
+
+def request(rt: Runtime, job_id: str) -> None:
+    """Ask APSIS for the export of a queued job; then the job waits and no task runs.
+
+    Raises RetryLater for errors worth retrying; fails the job on permanent ones.
+    """
+    job = rt.jobs.get(job_id)
+    if job.state != State.QUEUED:
+        return  # already requested (a redelivered task) or finished
+    ctx = {"job_id": job_id, "attempt": job.attempt}
+    try:
+        rt.apsis.request_export(
+            job.export_key,
+            callback_url(rt, job),
+            history=job.options.include_attribute_history,
+            definitions=job.options.include_type_definitions,
+            merged=job.options.include_merged_profiles,
+        )
+    except RateLimited as exc:
+        # Our own pool-wide limiter said "not yet": not a failure, not counted.
+        raise RetryLater(exc.retry_after or 0.1, str(exc)) from None
+    except RetryableApsisError as exc:
+        _retry_or_fail(rt, job, str(exc), retry_after=exc.retry_after)
+    except PermanentApsisError as exc:
+        fail(rt, job_id, str(exc))
+        return
+    now = time.time()
+    _, state = rt.jobs.transition(
+        job_id,
+        State.REQUESTED,
+        attempt=job.attempt,
+        note="APSIS accepted the export request",
+        waiting_until=now + rt.settings.APSIS_CALLBACK_TIMEOUT,
+        now=now,
+    )
+    log.info("export requested; waiting for APSIS", extra={**ctx, "state": str(state)})
+
+
+def _retry_or_fail(rt: Runtime, job: Job, reason: str, *, retry_after: float | None = None) -> None:
+    retries = rt.jobs.count_retry(job.job_id)
+    if retries > MAX_RETRIES_PER_JOB:
+        fail(rt, job.job_id, f"gave up after {MAX_RETRIES_PER_JOB} retries: {reason}")
+        raise RetryLater(0, "failed")  # unreachable for callers: fail() is final
+    delay = backoff(retries, retry_after=retry_after, cap=_retry_cap(rt))
+    log.warning(
+        "will retry",
+        extra={"job_id": job.job_id, "reason": reason, "retry_in": round(delay, 2)},
+    )
+    raise RetryLater(delay, reason)
+
+
+def _retry_cap(rt: Runtime) -> float:
+    # A countdown beyond the visibility timeout would make Redis redeliver the task early.
+    return min(BACKOFF_CAP, rt.settings.CELERY_VISIBILITY_TIMEOUT * 0.5)
+
+
+# -- callbacks ---------------------------------------------------------------------------
+
+
+def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
+    """Apply one recorded callback to its job; returns what happened (for logs and metrics).
+
+    Idempotent: redelivering the same entry re-dispatches the fetch only if this entry is the
+    one that made the job ready (the consumer may have died between the two).
+    """
+    job = rt.jobs.find(callback.job_id)
+    ctx = {"job_id": callback.job_id, "code": callback.code, "attempt": callback.attempt}
+    if job is None:
+        log.info("callback for an unknown job ignored", extra=ctx)
+        return "unknown_job"
+    if callback.attempt != job.attempt:
+        log.info("callback for an older attempt ignored", extra=ctx)
+        return "stale"
+    if callback.code == 100:
+        applied, _ = rt.jobs.transition(
+            job.job_id,
+            State.VERIFIED,
+            attempt=job.attempt,
+            allowed_from=(State.QUEUED, State.REQUESTED),
+            note="APSIS verified the callback",
+            keep_waiting=True,
+        )
+        return "verified" if applied else "duplicate"
+    if callback.code == 200:
+        applied, state = rt.jobs.transition(
+            job.job_id,
+            State.READY,
+            attempt=job.attempt,
+            allowed_from=(State.QUEUED, State.REQUESTED, State.VERIFIED),
+            note="APSIS reported the export ready",
+            fields={"download_url": callback.message, "ready_entry": callback.entry_id},
+        )
+        if applied or (state == State.READY and job.ready_entry == callback.entry_id):
+            dispatch(FETCH_TASK, [job.job_id])
+            log.info("export ready; fetch dispatched", extra=ctx)
+            return "ready"
+        return "duplicate"
+    # Any other code is APSIS reporting a failure; its message is APSIS's text.
+    reason = f"APSIS reported failure code {callback.code}: {callback.message[:200]}"
+    if job.attempt < MAX_ATTEMPTS and job.state in (State.QUEUED, State.REQUESTED, State.VERIFIED):
+        if rerequest(rt, job, reason, dispatch):
+            return "rerequested"
+        return "duplicate"
+    applied, _ = rt.jobs.transition(
+        job.job_id,
+        State.FAILED,
+        attempt=job.attempt,
+        allowed_from=(State.QUEUED, State.REQUESTED, State.VERIFIED),
+        note=reason,
+        fields={"error": reason},
+    )
+    if applied:
+        write_failure_manifest(rt, job.job_id, reason)
+    return "failed" if applied else "duplicate"
+
+
+def rerequest(rt: Runtime, job: Job, reason: str, dispatch: Dispatch) -> bool:
+    """Start a new attempt (a fresh callback token) for the job; old callbacks go stale."""
+    applied, _ = rt.jobs.transition(
+        job.job_id,
+        State.QUEUED,
+        attempt=job.attempt,
+        new_attempt=True,
+        note=f"re-requesting: {reason}",
+        fields={"download_url": "", "ready_entry": ""},
+    )
+    if applied:
+        log.warning("re-requesting the export", extra={"job_id": job.job_id, "reason": reason})
+        dispatch(REQUEST_TASK, [job.job_id])
+    return applied
+
+
+# -- fetch, split, store, finish ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the caller's chained task receives."""
+
+    job_id: str
+    state: str
+    manifest: str | None
+    reference: str | None
+    profiles: int
+    merged_keys_found: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "manifest": self.manifest,
+            "reference": self.reference,
+            "profiles": self.profiles,
+            "merged_keys_found": self.merged_keys_found,
+        }
+
+
+def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | None:
+    """Download, verify, split and store a ready job, manifest last; None if nothing to do.
+
+    Every object path derives from the job id, so a re-run rewrites the same objects.
+    """
+    job = rt.jobs.get(job_id)
+    if job.state == State.DONE:
+        return _result(job)
+    if job.state != State.READY or not job.download_url:
+        return None
+    ctx = {"job_id": job_id, "attempt": job.attempt}
+    s = rt.settings
+    with tempfile.TemporaryDirectory(prefix="apsis-export-") as tmp:
+        source = Path(tmp) / "export.json"
+        try:
+            with source.open("wb") as out:
+                got = rt.apsis.download(
+                    job.download_url,
+                    out,
+                    max_bytes=s.DOWNLOAD_MAX_BYTES,
+                    timeout=s.DOWNLOAD_TIMEOUT,
+                )
+            split = split_export(source, Path(tmp) / "split", requested_key=job.export_key)
+        except DownloadRefused as exc:
+            log.error(
+                "security: download URL refused; bearer token not sent",
+                extra={**ctx, "event": "download_refused", "reason": str(exc)},
+            )
+            fail(rt, job_id, f"download refused: {exc}")
+            return None
+        except (CorruptExport, PermanentApsisError) as exc:
+            if isinstance(exc, ApsisAuthError):
+                _retry_or_fail(rt, job, str(exc))
+            fetches = int(job.extra.get("fetches", "0")) + 1
+            rt.jobs.update(job_id, {"fetches": fetches})
+            if fetches < MAX_FETCHES_PER_ATTEMPT and not _is_gone(exc):
+                _retry_or_fail(rt, job, f"bad download: {exc}")
+            if job.attempt < MAX_ATTEMPTS:
+                rt.jobs.update(job_id, {"fetches": 0})
+                rerequest(rt, job, f"download failed: {exc}", dispatch)
+                return None
+            fail(rt, job_id, f"download failed after {job.attempt} attempts: {exc}")
+            return None
+        except RateLimited as exc:
+            raise RetryLater(exc.retry_after or 0.1, str(exc)) from None
+        except RetryableApsisError as exc:
+            _retry_or_fail(rt, job, str(exc), retry_after=exc.retry_after)
+            return None
+        except DownloadError as exc:
+            fail(rt, job_id, str(exc))
+            return None
+        try:
+            rt.storage.put_file(manifest.export_object(job_id), source)
+            for profile in split.profiles:
+                rt.storage.put_file(manifest.profile_object(job_id, profile.index), profile.path)
+            finished = time.time()
+            done = {"state": State.DONE.value, "at": round(finished, 3), "note": "stored"}
+            history = [*rt.jobs.history(job_id), done]
+            body = manifest.encode(
+                manifest.build_manifest(
+                    job,
+                    history=history,
+                    source_sha256=got.sha256,
+                    source_bytes=got.bytes,
+                    split=split,
+                    finished_at=finished,
+                )
+            )
+            rt.storage.put_bytes(manifest.manifest_object(job_id), body)  # the commit point
+        except StorageError as exc:
+            _retry_or_fail(rt, job, f"storage: {exc}")
+            return None
+    rt.jobs.transition(
+        job_id,
+        State.DONE,
+        attempt=job.attempt,
+        note="stored",
+        fields={
+            "manifest": rt.storage.location(manifest.manifest_object(job_id)),
+            "manifest_sha256": hashlib.sha256(body).hexdigest(),
+            "source_sha256": got.sha256,
+            "source_bytes": got.bytes,
+            "profiles": len(split.profiles),
+            "merged_found": sum(1 for p in split.profiles if p.role == "merged"),
+        },
+    )
+    log.info(
+        "export stored",
+        extra={**ctx, "bytes": got.bytes, "profiles": len(split.profiles), "state": "done"},
+    )
+    return _result(rt.jobs.get(job_id))
+
+
+def _is_gone(exc: Exception) -> bool:
+    return isinstance(exc, PermanentApsisError) and exc.status == 410
+
+
+def _result(job: Job) -> Result:
+    return Result(
+        job_id=job.job_id,
+        state=job.state.value,
+        manifest=job.manifest,
+        reference=job.reference,
+        profiles=job.profiles or 0,
+        merged_keys_found=int(job.extra.get("merged_found", "0") or 0),
+    )
+
+
+def fail(rt: Runtime, job_id: str, reason: str) -> bool:
+    """End the job as failed with ``reason``; leaves a failure manifest. False if it had ended."""
+    applied, _ = rt.jobs.transition(job_id, State.FAILED, note=reason, fields={"error": reason})
+    if applied:
+        log.error("job failed", extra={"job_id": job_id, "reason": reason, "state": "failed"})
+        write_failure_manifest(rt, job_id, reason)
+        announce(rt, rt.jobs.get(job_id))
+    return applied
+
+
+def write_failure_manifest(rt: Runtime, job_id: str, reason: str) -> None:
+    job = rt.jobs.get(job_id)
+    body = manifest.build_failure_manifest(
+        job, history=rt.jobs.history(job_id), reason=reason, failed_at=time.time()
+    )
+    try:
+        rt.storage.put_bytes(manifest.manifest_object(job_id), manifest.encode(body))
+    except StorageError as exc:
+        # The job record still says failed, with the reason; storage can be re-tried later.
+        log.error(
+            "could not store the failure manifest", extra={"job_id": job_id, "reason": str(exc)}
+        )
+
+
+def announce(rt: Runtime, job: Job) -> None:
+    """Publish the job's end on the events stream (for other services)."""
+    rt.inbox.announce(
+        {
+            "type": "job",
+            "job_id": job.job_id,
+            "state": job.state.value,
+            "manifest": job.manifest or "",
+            "batch_id": job.batch_id or "",
+            "reference": job.reference or "",
+        }
+    )
+
+
+def resume_caller_chain(
+    rt: Runtime, job_id: str, send: Callable[[dict[str, Any], dict[str, Any]], None]
+) -> bool:
+    """Run whatever the caller chained after ``apsis.export_profile``, once, with the result.
+
+    At least once: if the worker dies after sending and before marking it sent, the redelivered
+    task sends it again (the same guarantee Celery's own chains give).
+    """
+    job = rt.jobs.get(job_id)
+    if job.state != State.DONE or job.chain_dispatched:
+        return False
+    if job.chain:
+        send(job.chain, _result(job).to_json())
+    rt.jobs.mark_chain_dispatched(job_id)
+    announce(rt, job)
+    return True

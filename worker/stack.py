@@ -1,0 +1,205 @@
+"""A whole local deployment in one object: Redis, the sandbox, the webhook and workers.
+
+Used by the demo, the integration tests and the benchmarks, so all three run the real
+processes the same way: the webhook under gunicorn, workers as ``celery -A worker worker``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import requests
+from celery import Celery
+
+from worker.embedded import EmbeddedRedis, free_port
+
+#: Seconds to wait for a started process to answer.
+START_TIMEOUT = 30.0
+
+
+def wait_http(url: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll ``url`` until it answers 2xx."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+class LocalStack:
+    """Start everything on 127.0.0.1; ``stop()`` (or leaving the ``with``) ends all of it."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        storage_url: str | None = None,
+        sandbox_config: Any = None,
+        workers: int = 1,
+        concurrency: int = 2,
+        webhook_workers: int = 1,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self._redis = EmbeddedRedis(url=redis_url)
+        self._storage_url = storage_url
+        self._sandbox_config = sandbox_config
+        self._workers = workers
+        self._concurrency = concurrency
+        self._webhook_workers = webhook_workers
+        self._extra_env = env or {}
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="apsis-stack-"))
+        self.sandbox: Any = None
+        self.webhook: subprocess.Popen[bytes] | None = None
+        self.worker_processes: list[subprocess.Popen[bytes]] = []
+        self.env: dict[str, str] = {}
+        self.apsis_url = ""
+        self.webhook_url = ""
+        self.redis_url = ""
+        self._producer: Celery | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> LocalStack:
+        try:
+            self.redis_url = self._redis.start()
+            server_mod = importlib.import_module("sandbox.server")
+            self.sandbox = server_mod.SandboxServer(config=self._sandbox_config)
+            self.apsis_url = self.sandbox.start()
+            port = free_port()
+            self.webhook_url = f"http://127.0.0.1:{port}"
+            self.env = {
+                **os.environ,
+                "REDIS_URL": self.redis_url,
+                "APSIS_BASE_URL": self.apsis_url,
+                "APSIS_CLIENT_ID": "sandbox",
+                "APSIS_CLIENT_SECRET": "sandbox",
+                "APSIS_ACCOUNT": "sandbox",
+                "CALLBACK_BASE_URL": self.webhook_url,
+                # A fresh random secret per run: nothing ships a default secret.
+                "CALLBACK_SECRET": secrets.token_urlsafe(48),
+                "STORAGE_URL": self._storage_url
+                or os.environ.get("STORAGE_URL", "file://./exports"),
+                "PYTHONUNBUFFERED": "1",
+                **self._extra_env,
+            }
+            self.webhook = self._spawn(
+                "webhook",
+                [
+                    sys.executable,
+                    "-m",
+                    "worker.cli",
+                    "webhook",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    str(self._webhook_workers),
+                ],
+            )
+            for _ in range(self._workers):
+                self.add_worker()
+            wait_http(f"{self.webhook_url}/healthz")
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log, start_new_session=True)
+
+    def add_worker(self, *, concurrency: int | None = None) -> subprocess.Popen[bytes]:
+        n = len(self.worker_processes) + 1
+        cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker"]
+        cmd += ["--concurrency", str(concurrency or self._concurrency), "--loglevel", "INFO"]
+        cmd += ["--hostname", f"w{n}-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+        process = self._spawn(f"worker-{n}", cmd)
+        self.worker_processes.append(process)
+        return process
+
+    def kill_worker(self, process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Kill a worker's whole process group (main process and pool children)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+
+    def stop(self) -> None:
+        processes = [p for p in [self.webhook, *self.worker_processes] if p is not None]
+        for process in processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.worker_processes = []
+        self.webhook = None
+        if self.sandbox is not None:
+            self.sandbox.stop()
+            self.sandbox = None
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+        self._redis.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- use ----------------------------------------------------------------------------
+
+    @property
+    def producer(self) -> Celery:
+        """A Celery app as another service would have: only a broker URL."""
+        if self._producer is None:
+            self._producer = Celery("caller", broker=self.redis_url)
+            self._producer.conf.task_serializer = "json"
+        return self._producer
+
+    def submit(self, export_key: str, **kwargs: Any) -> str:
+        """Enqueue ``apsis.export_profile`` the way another service would; returns the job id."""
+        job_id = kwargs.pop("job_id", None) or secrets.token_hex(16)
+        self.producer.send_task(
+            "apsis.export_profile",
+            args=[export_key],
+            kwargs={**kwargs, "job_id": job_id},
+            queue="apsis",
+        )
+        return job_id
+
+    def sandbox_put(self, path: str, body: Any) -> None:
+        requests.put(f"{self.apsis_url}{path}", json=body, timeout=5).raise_for_status()
+
+    def journal(self) -> list[dict[str, Any]]:
+        answer = requests.get(f"{self.apsis_url}/_sandbox/journal", timeout=10)
+        answer.raise_for_status()
+        entries: list[dict[str, Any]] = answer.json()
+        return entries

@@ -1,0 +1,222 @@
+"""Object storage for export results, through obstore: file://, s3://, gs://, az://, memory:///."""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.exceptions import BaseError
+from obstore.store import LocalStore, MemoryStore, from_url
+
+from worker.errors import StorageError
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, ObjectStore, RetryConfig, S3Config
+
+#: Size of each part of a multipart upload, in bytes; also the threshold above which
+#: ``put_file`` switches to multipart (S3's minimum part size is 5 MiB).
+UPLOAD_PART_BYTES = 8 * 1024 * 1024
+#: Parts uploaded at once; peak upload memory is about this times ``UPLOAD_PART_BYTES``.
+UPLOAD_CONCURRENCY = 4
+#: Minimum size of each chunk ``iter_bytes`` yields, in bytes.
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+#: Retries of a failed request (5xx, dropped connection) before giving up; obstore's
+#: default (10 retries over up to 3 minutes) would stall a readiness probe.
+MAX_RETRIES = 3
+#: Seconds after the first attempt after which no retry starts.
+RETRY_TIMEOUT_SECONDS = 30
+#: Seconds allowed to open a connection to the store.
+CONNECT_TIMEOUT_SECONDS = 5
+#: Longest error detail kept in a StorageError message, in characters.
+_MAX_DETAIL_CHARS = 300
+
+_T = TypeVar("_T")
+
+_RETRY: RetryConfig = {
+    "max_retries": MAX_RETRIES,
+    "retry_timeout": timedelta(seconds=RETRY_TIMEOUT_SECONDS),
+}
+
+
+class Storage:
+    """One bucket (or folder) plus an optional key prefix; keys are relative to it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local_root: Path | None = None
+        self._store: ObjectStore = _guard(
+            f"cannot open storage {_safe_url(url)}", lambda: _open(url)
+        )
+        if isinstance(self._store, LocalStore) and self._store.prefix is not None:
+            self._local_root = Path(self._store.prefix)
+        # Local files carry no attributes: obstore refuses a Content-Type there.
+        self._attributes = not isinstance(self._store, LocalStore)
+
+    def put_file(self, key: str, source: Path, *, content_type: str = "application/json") -> None:
+        """Upload ``source`` as ``key``; big files go multipart with bounded memory."""
+
+        def put() -> None:
+            with source.open("rb") as f:
+                obstore.put(
+                    self._store,
+                    key,
+                    f,
+                    attributes=self._content_type(content_type),
+                    chunk_size=UPLOAD_PART_BYTES,
+                    max_concurrency=UPLOAD_CONCURRENCY,
+                )
+
+        _guard(f"cannot store {self.location(key)}", put)
+
+    def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/json") -> None:
+        """Store ``data`` as ``key`` (atomically: readers see the old object or the new one)."""
+        _guard(
+            f"cannot store {self.location(key)}",
+            lambda: obstore.put(
+                self._store, key, data, attributes=self._content_type(content_type)
+            ),
+        )
+
+    def get_bytes(self, key: str) -> bytes:
+        """Return the whole object ``key``; raise StorageError when it does not exist."""
+        return _guard(
+            f"cannot read {self.location(key)}",
+            lambda: bytes(obstore.get(self._store, key).bytes()),
+        )
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        """Yield the object ``key`` in chunks of at least ``DOWNLOAD_CHUNK_BYTES``."""
+        where = f"cannot read {self.location(key)}"
+        result = _guard(where, lambda: obstore.get(self._store, key))
+        stream = iter(result.stream(min_chunk_size=DOWNLOAD_CHUNK_BYTES))
+        while True:
+            chunk = _guard(where, lambda: next(stream, None))
+            if chunk is None:
+                return
+            yield bytes(chunk)
+
+    def exists(self, key: str) -> bool:
+        """Whether the object ``key`` exists."""
+
+        def head() -> bool:
+            try:
+                obstore.head(self._store, key)
+            except FileNotFoundError:
+                return False
+            return True
+
+        return _guard(f"cannot check {self.location(key)}", head)
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (whole path segments: ``jobs/a`` does not match ``jobs/ab``)."""
+        return _guard(
+            f"cannot list {self.location(prefix)}",
+            lambda: sorted(
+                meta["path"]
+                for batch in obstore.list(self._store, prefix.rstrip("/") or None)
+                for meta in batch
+            ),
+        )
+
+    def delete_prefix(self, prefix: str) -> builtins.list[str]:
+        """Delete every object under ``prefix`` and return their keys."""
+        if not prefix.strip("/"):
+            # A blank prefix would empty the whole store: never what a caller means.
+            raise StorageError("refusing to delete with an empty prefix")
+        keys = self.list(prefix)
+        if keys:
+            _guard(
+                f"cannot delete under {self.location(prefix)}",
+                lambda: obstore.delete(self._store, keys),
+            )
+        return keys
+
+    def location(self, key: str) -> str:
+        """Where ``key`` lives, as a URL a person can follow (``file:///…`` or ``s3://…``)."""
+        if self._local_root is not None:
+            return (self._local_root / key).as_uri()
+        base = self.url if self.url.endswith("/") else self.url + "/"
+        return base + key.lstrip("/")
+
+    def check(self) -> None:
+        """Readiness probe: raise StorageError when the store cannot be listed."""
+
+        def probe() -> None:
+            # One page of one listing is enough to prove reachability and credentials.
+            next(iter(obstore.list(self._store, chunk_size=1)), None)
+
+        _guard(f"storage {_safe_url(self.url)} is unreachable", probe)
+
+    def _content_type(self, content_type: str) -> dict[str, str] | None:
+        return {"Content-Type": content_type} if self._attributes else None
+
+
+def _open(url: str) -> ObjectStore:
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        # LocalStore writes each object to "<key>#<n>" and renames it into place, so a
+        # reader never sees a half-written object (checked against obstore 0.12).
+        store: ObjectStore = LocalStore.from_url(url, mkdir=True)
+        return store
+    if scheme == "memory":
+        return MemoryStore()
+    if scheme in ("s3", "s3a"):
+        return from_url(
+            url, config=_s3_config(), client_options=_s3_client_options(), retry_config=_RETRY
+        )
+    if scheme in ("gs", "az", "azure", "abfs", "abfss", "adl"):
+        # Credentials and options come from the GOOGLE_* / AZURE_* variables.
+        return from_url(
+            url,
+            client_options={"connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_SECONDS)},
+            retry_config=_RETRY,
+        )
+    raise StorageError(f"unsupported storage URL scheme {scheme!r}")
+
+
+def _s3_config() -> S3Config:
+    """S3 settings from the usual AWS_* variables (obstore reads the credentials itself)."""
+    config: S3Config = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        config["endpoint"] = endpoint
+        # Custom endpoints (moto, MinIO, Ceph) address buckets by path, not by host name.
+        config["virtual_hosted_style_request"] = False
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        config["region"] = region
+    return config
+
+
+def _s3_client_options() -> ClientConfig:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    # Plain http only when the operator configured an http endpoint (moto on loopback).
+    return {
+        "allow_http": urlsplit(endpoint).scheme == "http",
+        "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_SECONDS),
+    }
+
+
+def _safe_url(url: str) -> str:
+    """The URL without query or credentials, safe to put in a message."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+
+
+def _guard(action: str, call: Callable[[], _T]) -> _T:
+    """Run ``call``; turn any obstore or OS error into a one-line StorageError."""
+    try:
+        return call()
+    except StorageError:
+        raise
+    except (BaseError, OSError, ValueError, NotImplementedError) as exc:
+        # obstore messages carry a multi-line debug dump: keep the first line only.
+        lines = str(exc).strip().splitlines()
+        detail = lines[0][:_MAX_DETAIL_CHARS] if lines else ""
+        raise StorageError(f"{action}: {type(exc).__name__}: {detail}") from exc
