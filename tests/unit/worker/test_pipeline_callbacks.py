@@ -1,0 +1,123 @@
+"""worker/pipeline.py's callback handling: idempotent, attempt-aware, one fetch per ready."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fakeredis
+import pytest
+
+from worker import pipeline
+from worker.config import load_settings
+from worker.errors import InvalidExportKey
+from worker.inbox import Callback, Inbox
+from worker.jobs import ExportOptions, JobStore, State
+from worker.ratelimit import RateLimiter
+from worker.runtime import Runtime
+from worker.storage import Storage
+
+
+@pytest.fixture
+def rt() -> Runtime:
+    client = fakeredis.FakeRedis()
+    settings = load_settings(CALLBACK_SECRET="s" * 40, STORAGE_URL="memory:///")
+    return Runtime(
+        settings=settings,
+        redis=client,
+        jobs=JobStore(client),
+        inbox=Inbox(client),
+        limiter=RateLimiter(client),
+        storage=Storage("memory:///"),
+    )
+
+
+class Dispatched(list[tuple[str, list[Any]]]):
+    def __call__(self, name: str, args: list[Any]) -> None:
+        self.append((name, args))
+
+
+def _job(rt: Runtime, state: State = State.REQUESTED) -> str:
+    pipeline.submit(rt, "key@example.com", options=ExportOptions(), job_id="j1")
+    if state != State.QUEUED:
+        rt.jobs.transition("j1", State.REQUESTED)
+    if state == State.READY:
+        rt.jobs.transition("j1", State.READY, fields={"ready_entry": "1-0"})
+    return "j1"
+
+
+def _cb(code: int, entry: str = "5-0", attempt: int = 1, message: str = "") -> Callback:
+    return Callback(entry, "j1", attempt, code, message or "https://x/y", 0.0)
+
+
+def test_ready_dispatches_one_fetch_and_duplicates_none(rt: Runtime) -> None:
+    _job(rt)
+    sent = Dispatched()
+    assert pipeline.apply_callback(rt, _cb(200, "7-0"), sent) == "ready"
+    assert pipeline.apply_callback(rt, _cb(200, "8-0"), sent) == "duplicate"
+    assert pipeline.apply_callback(rt, _cb(100, "9-0"), sent) == "duplicate"
+    assert sent == [(pipeline.FETCH_TASK, ["j1"])]
+    assert rt.jobs.get("j1").download_url == "https://x/y"
+
+
+def test_redelivered_ready_entry_dispatches_again(rt: Runtime) -> None:
+    """The consumer may die between the transition and the dispatch: the same entry resends."""
+    _job(rt)
+    sent = Dispatched()
+    pipeline.apply_callback(rt, _cb(200, "7-0"), sent)
+    assert pipeline.apply_callback(rt, _cb(200, "7-0"), sent) == "ready"
+    assert len(sent) == 2
+
+
+def test_ready_before_verified_still_works(rt: Runtime) -> None:
+    _job(rt)
+    sent = Dispatched()
+    assert pipeline.apply_callback(rt, _cb(200), sent) == "ready"
+    assert pipeline.apply_callback(rt, _cb(100, "6-0"), sent) == "duplicate"
+    assert rt.jobs.get("j1").state == State.READY
+
+
+def test_callbacks_for_an_older_attempt_or_unknown_job_are_ignored(rt: Runtime) -> None:
+    _job(rt)
+    sent = Dispatched()
+    assert pipeline.apply_callback(rt, _cb(200, attempt=0), sent) == "stale"
+    assert pipeline.apply_callback(rt, Callback("1-1", "ghost", 1, 200, "u", 0), sent) == (
+        "unknown_job"
+    )
+    assert sent == []
+    assert rt.jobs.get("j1").state == State.REQUESTED
+
+
+def test_failure_code_rerequests_with_a_new_attempt_then_fails(rt: Runtime) -> None:
+    _job(rt)
+    sent = Dispatched()
+    assert pipeline.apply_callback(rt, _cb(500, message="boom"), sent) == "rerequested"
+    job = rt.jobs.get("j1")
+    assert (job.state, job.attempt) == (State.QUEUED, 2)
+    assert sent == [(pipeline.REQUEST_TASK, ["j1"])]
+    for attempt in range(2, pipeline.MAX_ATTEMPTS):
+        rt.jobs.transition("j1", State.REQUESTED)
+        pipeline.apply_callback(rt, _cb(500, attempt=attempt, entry=f"{attempt}-9"), sent)
+    rt.jobs.transition("j1", State.REQUESTED)
+    outcome = pipeline.apply_callback(
+        rt, _cb(500, attempt=pipeline.MAX_ATTEMPTS, entry="99-0", message="boom"), sent
+    )
+    assert outcome == "failed"
+    job = rt.jobs.get("j1")
+    assert job.state == State.FAILED
+    assert "failure code 500" in (job.error or "")
+    assert b'"state": "failed"' in rt.storage.get_bytes("jobs/j1/manifest.json")
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a" * 513, "a\nb", "a\x00b", "a\u2028b", 42])
+def test_bad_export_keys_are_refused_without_echoing_them(bad: object) -> None:
+    with pytest.raises(InvalidExportKey) as caught:
+        pipeline.validate_export_key(bad)
+    assert not isinstance(bad, str) or not bad.strip() or bad not in str(caught.value)
+
+
+def test_backoff_honours_retry_after_and_caps() -> None:
+    assert pipeline.backoff(0, retry_after=7) == 7
+    assert pipeline.backoff(3, retry_after=10_000, cap=60) == 60
+    delays = [pipeline.backoff(n) for n in range(20)]
+    assert all(0 < d <= pipeline.BACKOFF_CAP for d in delays)
+    assert pipeline.backoff(1) <= 4 < pipeline.backoff(5)
