@@ -127,6 +127,21 @@ def _origin(url: str) -> tuple[str, str, int]:
     return parts.scheme, (parts.hostname or "").lower(), port
 
 
+#: Longest host text quoted in a refusal reason (the URL comes from an unauthenticated caller).
+MAX_QUOTED_HOST = 100
+
+
+def _where(url: str) -> str:
+    """The scheme, host and port of ``url`` for a refusal reason: never its path or query."""
+    try:
+        scheme, host, port = _origin(url)
+    except ValueError:
+        return "(an unparsable URL)"
+    if not host:
+        return "(a URL without a host)"
+    return f"{scheme}://{host[:MAX_QUOTED_HOST]}:{port}"
+
+
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     return not (
@@ -166,13 +181,15 @@ class DownloadPolicy:
         if parts.username or parts.password:
             raise DownloadRefused("download URL carries credentials")
         if parts.scheme != "https" and not self._sandbox:
-            raise DownloadRefused("download URL is not https")
+            raise DownloadRefused(f"download URL {_where(url)} is not https")
         try:
             origin = _origin(url)
         except ValueError:
             raise DownloadRefused("download URL has an invalid port") from None
         if origin != self._origin:
-            raise DownloadRefused("download URL is not on the configured APSIS origin")
+            raise DownloadRefused(
+                f"download URL {_where(url)} is not on the configured APSIS origin"
+            )
         if not self._sandbox:
             addresses = self._resolve(origin[1])
             if not addresses or not all(_is_public(a) for a in addresses):
@@ -343,7 +360,10 @@ class ApsisClient:
         with response:
             if 300 <= response.status_code < 400:
                 status = response.status_code
-                raise DownloadRefused(f"APSIS download answered a redirect ({status})")
+                target = _where(response.headers.get("Location") or "")
+                raise DownloadRefused(
+                    f"APSIS download answered a redirect ({status}) to {target}; not followed"
+                )
             if response.status_code in (202, 404):
                 raise RetryableApsisError(
                     f"APSIS download: not ready (HTTP {response.status_code})",
@@ -354,14 +374,18 @@ class ApsisClient:
                 raise error_for(response, "download")
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise DownloadTooLarge(f"export file is {declared} bytes, over the cap")
+                raise DownloadTooLarge(
+                    f"export file is {declared} bytes, over DOWNLOAD_MAX_BYTES ({max_bytes})"
+                )
             digest = hashlib.sha256()
             size = 0
             try:
                 for chunk in response.iter_content(DOWNLOAD_CHUNK):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise DownloadTooLarge(f"export file exceeds {max_bytes} bytes")
+                        raise DownloadTooLarge(
+                            f"export file exceeds DOWNLOAD_MAX_BYTES ({max_bytes} bytes)"
+                        )
                     if time.monotonic() - started > timeout:
                         raise DownloadError(f"download exceeded {timeout:.0f} s")
                     digest.update(chunk)

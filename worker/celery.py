@@ -67,6 +67,10 @@ def send_chain(stored: dict[str, Any], result: dict[str, Any]) -> None:
         signature(link, app=app).apply_async((result,))
 
 
+def _sweep(rt: Any, try_sweep: Any) -> None:
+    try_sweep(rt, send_task, send_chain)
+
+
 class InboxStep(bootsteps.StartStopStep):
     """Runs the inbox consumer (and the periodic sweep) in the worker's main process."""
 
@@ -82,10 +86,15 @@ class InboxStep(bootsteps.StartStopStep):
         from worker.consumer import InboxConsumer
         from worker.logs import configure_logging
         from worker.runtime import get_runtime
+        from worker.watchdog import try_sweep
 
         rt = get_runtime()
         configure_logging(rt.settings.LOG_LEVEL)
-        self.consumer = InboxConsumer(get_runtime, send_task)
+        self.consumer = InboxConsumer(
+            get_runtime,
+            send_task,
+            on_tick=lambda rt: _sweep(rt, try_sweep),
+        )
         self.consumer.start()
 
     def stop(self, parent: Any) -> None:

@@ -15,7 +15,7 @@ import redis
 
 from worker import pipeline
 from worker.config import Settings, load_settings
-from worker.errors import ExportError, JobNotFound
+from worker.errors import ExportError, InputError, JobNotFound
 from worker.jobs import FINAL, Job, State, new_job_id
 from worker.runtime import Runtime, build_runtime
 
@@ -119,10 +119,27 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.celery import send_task
+
+    rt = build_runtime(settings)
+    job_id = pipeline.validate_job_id(args.job_id)
+    job = rt.jobs.get(job_id)
+    if not pipeline.restart(rt, job, send_task):
+        raise InputError(f"job {job_id} is {job.state.value}; only failed jobs can be retried")
+    print(f"{job_id} queued again (attempt {job.attempt + 1})")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     settings.require(
         "APSIS_CLIENT_ID", "APSIS_CLIENT_SECRET", "CALLBACK_BASE_URL", "CALLBACK_SECRET"
     )
+    # Fail in one line before Celery starts: otherwise an unreachable Redis is a reconnect
+    # loop in the logs and unreachable storage surfaces only at the first finished export.
+    rt = build_runtime(settings)
+    rt.redis.ping()
+    rt.storage.check()
     from worker.celery import app
 
     argv = ["worker", f"--loglevel={settings.LOG_LEVEL}", f"--concurrency={args.concurrency}"]
@@ -172,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="start a failed job again (a new attempt)")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("worker", help="run a Celery worker (tasks and the callback inbox)")
     p.add_argument("--concurrency", type=int, default=2)

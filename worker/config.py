@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     #: Seconds the inbox leaves an entry with a consumer before another reclaims it.
     INBOX_RECLAIM_AFTER: float = Field(60.0, gt=0)
 
+    # The watchdog (a periodic sweep inside the worker pool)
+    #: Seconds between two sweeps of the pool (one sweeper at a time, through a Redis lock).
+    WATCHDOG_INTERVAL: float = Field(30.0, gt=0)
+    #: Seconds a queued or ready job may sit unchanged before the sweep dispatches it again.
+    WATCHDOG_STUCK_AFTER: float = Field(300.0, gt=0)
+
     # Logging
     LOG_LEVEL: str = "INFO"
 

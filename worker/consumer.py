@@ -25,8 +25,9 @@ log = logging.getLogger("apsis.inbox")
 BLOCK_MS = 1000
 #: Entries read at once.
 BATCH = 100
-#: Seconds between two passes reclaiming entries a dead consumer left pending.
-RECLAIM_EVERY = 5.0
+#: Seconds between two passes reclaiming entries a dead consumer left pending (and two
+#: chances to run the watchdog sweep, which its own lock spaces to WATCHDOG_INTERVAL).
+RECLAIM_EVERY = 2.0
 #: Seconds to wait after Redis errors before reading again.
 ERROR_PAUSE = 1.0
 

@@ -83,9 +83,16 @@ class Inbox:
     def read(self, consumer: str, *, count: int = 100, block_ms: int = 1000) -> list[Callback]:
         """New entries for this consumer, waiting up to ``block_ms`` for some."""
         self.ensure_group()
-        answer: Any = self._client.xreadgroup(
-            self.group, consumer, {self.stream: ">"}, count=count, block=block_ms
-        )
+        try:
+            answer: Any = self._client.xreadgroup(
+                self.group, consumer, {self.stream: ">"}, count=count, block=block_ms
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # Redis lost the group (restarted without persistence): create it again.
+                self._group_ready = False
+                return []
+            raise
         callbacks: list[Callback] = []
         for _stream, entries in answer or []:
             callbacks += [_decode(entry_id, fields) for entry_id, fields in entries if fields]

@@ -45,7 +45,7 @@ ALLOWED_FROM: dict[State, tuple[State, ...]] = {
     State.QUEUED: (State.REQUESTED, State.VERIFIED, State.READY, State.FAILED),
 }
 
-# KEYS: job, history, waiting zset, state counts.
+# KEYS: job, history, waiting zset, state counts, open zset, deadlines zset.
 # ARGV: to, allowed-from (comma list), expected attempt ('' = any), now, history entry,
 #       waiting score ('' = leave the waiting set, 'keep' = as it is), attempt increment,
 #       then field/value pairs.
@@ -74,18 +74,32 @@ elseif ARGV[6] ~= 'keep' then
 end
 redis.call('HINCRBY', KEYS[4], state, -1)
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+-- 'open': jobs that some task should be moving along (not waiting for APSIS, not ended,
+-- or done with the caller's chain not yet resumed), scored by their last change.
+if ARGV[1] == 'queued' or ARGV[1] == 'ready' or ARGV[1] == 'done' then
+  redis.call('ZADD', KEYS[5], ARGV[4], KEYS[1])
+else
+  redis.call('ZREM', KEYS[5], KEYS[1])
+end
+if ARGV[1] == 'done' or ARGV[1] == 'failed' then
+  redis.call('ZREM', KEYS[6], KEYS[1])
+elseif ARGV[1] == 'queued' then
+  redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'deadline'), KEYS[1])
+end
 return {1, ARGV[1]}
 """
 
-# KEYS: job, history, state counts, id index (the caller's job id → job). ARGV: history
-# entry, then field/value pairs. Creates the job unless it exists: returns 1 if created.
+# KEYS: job, history, state counts, open zset, deadlines zset. ARGV: history entry, now,
+# deadline, then field/value pairs. Creates the job unless it exists: returns 1 if created.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 2, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'queued', 1)
+redis.call('ZADD', KEYS[4], ARGV[2], KEYS[1])
+redis.call('ZADD', KEYS[5], ARGV[3], KEYS[1])
 return 1
 """
 
@@ -226,6 +240,8 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self.waiting_key = f"{prefix}:jobs:waiting"
+        self.open_key = f"{prefix}:jobs:open"
+        self.deadlines_key = f"{prefix}:jobs:deadlines"
         self.counts_key = f"{prefix}:jobs:counts"
 
     def key(self, job_id: str) -> str:
@@ -264,11 +280,21 @@ class JobStore:
             "chain": chain,
             "retries": 0,
         }
-        args: list[str] = [_history(State.QUEUED, now, "created")]
+        args: list[str] = [
+            _history(State.QUEUED, now, "created"),
+            repr(now),
+            repr(now + deadline_seconds),
+        ]
         for name, value in fields.items():
             if value is not None:
                 args += [name, _encode(value)]
-        keys = [self.key(job_id), self.history_key(job_id), self.counts_key]
+        keys = [
+            self.key(job_id),
+            self.history_key(job_id),
+            self.counts_key,
+            self.open_key,
+            self.deadlines_key,
+        ]
         return bool(self._create(keys=keys, args=args))
 
     def get(self, job_id: str) -> Job:
@@ -322,7 +348,14 @@ class JobStore:
         ]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]
-        keys = [self.key(job_id), self.history_key(job_id), self.waiting_key, self.counts_key]
+        keys = [
+            self.key(job_id),
+            self.history_key(job_id),
+            self.waiting_key,
+            self.counts_key,
+            self.open_key,
+            self.deadlines_key,
+        ]
         applied, state = self._transition(keys=keys, args=args)
         state_text = state.decode() if isinstance(state, bytes) else str(state)
         return bool(applied), State(state_text) if state_text else None
@@ -337,19 +370,49 @@ class JobStore:
         """Count one more retry on the job (the cap is the job's, not Celery's task id's)."""
         return int(self._client.hincrby(self.key(job_id), "retries", 1))
 
+    def touch(self, job_id: str, now: float) -> None:
+        """Record activity on an open job (the watchdog re-dispatched it)."""
+        self._client.zadd(self.open_key, {self.key(job_id): now}, xx=True)
+
     def mark_chain_dispatched(self, job_id: str) -> None:
-        self._client.hset(self.key(job_id), "chain_dispatched", "1")
+        """The caller's chain is on its way: nothing is left for any task to do."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hset(self.key(job_id), "chain_dispatched", "1")
+        pipe.zrem(self.open_key, self.key(job_id))
+        pipe.execute()
 
     def counts(self) -> dict[str, int]:
         raw = self._client.hgetall(self.counts_key)
         return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
-    def overdue(self, now: float | None = None, *, limit: int = 100) -> list[str]:
-        """Job ids whose callback deadline has passed."""
-        now = time.time() if now is None else now
-        keys = self._client.zrangebyscore(self.waiting_key, "-inf", now, start=0, num=limit)
+    def _ids_scored_below(self, zset: str, score: float, limit: int) -> list[str]:
+        keys = self._client.zrangebyscore(zset, "-inf", score, start=0, num=limit)
         prefix = f"{self._prefix}:job:"
         return [k.decode().removeprefix(prefix) for k in keys]  # type: ignore[union-attr]
+
+    def overdue(self, now: float | None = None, *, limit: int = 100) -> list[str]:
+        """Job ids whose callback deadline has passed."""
+        return self._ids_scored_below(self.waiting_key, time.time() if now is None else now, limit)
+
+    def past_deadline(self, now: float | None = None, *, limit: int = 100) -> list[str]:
+        """Unfinished job ids whose overall deadline has passed."""
+        return self._ids_scored_below(
+            self.deadlines_key, time.time() if now is None else now, limit
+        )
+
+    def idle_since(self, before: float, *, limit: int = 100) -> list[str]:
+        """Open jobs (queued, ready, or done with the chain pending) unchanged since ``before``."""
+        return self._ids_scored_below(self.open_key, before, limit)
+
+    def oldest_waiting(self) -> float | None:
+        """Creation time of the job that has waited for APSIS longest, if any."""
+        # Every job waits the same APSIS_CALLBACK_TIMEOUT, so the earliest deadline is the
+        # job that has waited longest.
+        first: list[bytes] = self._client.zrange(self.waiting_key, 0, 0)  # type: ignore[assignment]
+        if not first:
+            return None
+        created = self._client.hget(first[0].decode(), "created_at")
+        return float(created) if created else None
 
 
 def _history(state: State, now: float, note: str) -> str:

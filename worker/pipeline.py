@@ -24,6 +24,7 @@ from worker.errors import (
     CorruptExport,
     DownloadError,
     DownloadRefused,
+    DownloadTooLarge,
     InvalidExportKey,
     PermanentApsisError,
     RateLimited,
@@ -33,6 +34,7 @@ from worker.errors import (
 from worker.export_file import split_export
 from worker.inbox import Callback
 from worker.jobs import ExportOptions, Job, State, new_job_id
+from worker.lease import JobLease, LeaseBusy
 from worker.runtime import Runtime
 
 log = logging.getLogger("apsis.pipeline")
@@ -158,6 +160,7 @@ def request(rt: Runtime, job_id: str) -> None:
         raise RetryLater(exc.retry_after or 0.1, str(exc)) from None
     except RetryableApsisError as exc:
         _retry_or_fail(rt, job, str(exc), retry_after=exc.retry_after)
+        return
     except PermanentApsisError as exc:
         fail(rt, job_id, str(exc))
         return
@@ -174,11 +177,14 @@ def request(rt: Runtime, job_id: str) -> None:
 
 
 def _retry_or_fail(rt: Runtime, job: Job, reason: str, *, retry_after: float | None = None) -> None:
+    """Raise RetryLater with a backoff, or (the job's retry budget spent) fail the job."""
     retries = rt.jobs.count_retry(job.job_id)
     if retries > MAX_RETRIES_PER_JOB:
         fail(rt, job.job_id, f"gave up after {MAX_RETRIES_PER_JOB} retries: {reason}")
-        raise RetryLater(0, "failed")  # unreachable for callers: fail() is final
+        return
     delay = backoff(retries, retry_after=retry_after, cap=_retry_cap(rt))
+    # The watchdog leaves a job alone until its scheduled retry is due.
+    rt.jobs.update(job.job_id, {"retry_at": time.time() + delay})
     log.warning(
         "will retry",
         extra={"job_id": job.job_id, "reason": reason, "retry_in": round(delay, 2)},
@@ -267,6 +273,22 @@ def rerequest(rt: Runtime, job: Job, reason: str, dispatch: Dispatch) -> bool:
     return applied
 
 
+def restart(rt: Runtime, job: Job, dispatch: Dispatch) -> bool:
+    """Start a failed job again as a new attempt with a fresh retry budget."""
+    applied, _ = rt.jobs.transition(
+        job.job_id,
+        State.QUEUED,
+        allowed_from=(State.FAILED,),
+        new_attempt=True,
+        note="retry requested",
+        fields={"error": "", "retries": 0, "fetches": 0, "download_url": "", "ready_entry": ""},
+    )
+    if applied:
+        log.info("failed job restarted", extra={"job_id": job.job_id})
+        dispatch(REQUEST_TASK, [job.job_id])
+    return applied
+
+
 # -- fetch, split, store, finish ------------------------------------------------------------
 
 
@@ -295,75 +317,74 @@ class Result:
 def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | None:
     """Download, verify, split and store a ready job, manifest last; None if nothing to do.
 
-    Every object path derives from the job id, so a re-run rewrites the same objects.
+    Every object path derives from the job id, so a re-run rewrites the same objects. A
+    lease keeps a redelivered copy of this task from downloading the same file at once.
     """
     job = rt.jobs.get(job_id)
     if job.state == State.DONE:
         return _result(job)
     if job.state != State.READY or not job.download_url:
         return None
+    try:
+        with JobLease(rt.redis, job_id), tempfile.TemporaryDirectory(prefix="apsis-") as tmp:
+            return _fetch_and_store(rt, job, Path(tmp), dispatch)
+    except LeaseBusy as busy:
+        raise RetryLater(busy.retry_after + 1, str(busy)) from None
+
+
+def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Result | None:
+    job_id = job.job_id
     ctx = {"job_id": job_id, "attempt": job.attempt}
     s = rt.settings
-    with tempfile.TemporaryDirectory(prefix="apsis-export-") as tmp:
-        source = Path(tmp) / "export.json"
-        try:
-            with source.open("wb") as out:
-                got = rt.apsis.download(
-                    job.download_url,
-                    out,
-                    max_bytes=s.DOWNLOAD_MAX_BYTES,
-                    timeout=s.DOWNLOAD_TIMEOUT,
-                )
-            split = split_export(source, Path(tmp) / "split", requested_key=job.export_key)
-        except DownloadRefused as exc:
-            log.error(
-                "security: download URL refused; bearer token not sent",
-                extra={**ctx, "event": "download_refused", "reason": str(exc)},
+    source = tmp / "export.json"
+    try:
+        with source.open("wb") as out:
+            got = rt.apsis.download(
+                job.download_url or "",
+                out,
+                max_bytes=s.DOWNLOAD_MAX_BYTES,
+                timeout=s.DOWNLOAD_TIMEOUT,
             )
-            fail(rt, job_id, f"download refused: {exc}")
-            return None
-        except (CorruptExport, PermanentApsisError) as exc:
-            if isinstance(exc, ApsisAuthError):
-                _retry_or_fail(rt, job, str(exc))
-            fetches = int(job.extra.get("fetches", "0")) + 1
-            rt.jobs.update(job_id, {"fetches": fetches})
-            if fetches < MAX_FETCHES_PER_ATTEMPT and not _is_gone(exc):
-                _retry_or_fail(rt, job, f"bad download: {exc}")
-            if job.attempt < MAX_ATTEMPTS:
-                rt.jobs.update(job_id, {"fetches": 0})
-                rerequest(rt, job, f"download failed: {exc}", dispatch)
-                return None
-            fail(rt, job_id, f"download failed after {job.attempt} attempts: {exc}")
-            return None
-        except RateLimited as exc:
-            raise RetryLater(exc.retry_after or 0.1, str(exc)) from None
-        except RetryableApsisError as exc:
-            _retry_or_fail(rt, job, str(exc), retry_after=exc.retry_after)
-            return None
-        except DownloadError as exc:
-            fail(rt, job_id, str(exc))
-            return None
-        try:
-            rt.storage.put_file(manifest.export_object(job_id), source)
-            for profile in split.profiles:
-                rt.storage.put_file(manifest.profile_object(job_id, profile.index), profile.path)
-            finished = time.time()
-            done = {"state": State.DONE.value, "at": round(finished, 3), "note": "stored"}
-            history = [*rt.jobs.history(job_id), done]
-            body = manifest.encode(
-                manifest.build_manifest(
-                    job,
-                    history=history,
-                    source_sha256=got.sha256,
-                    source_bytes=got.bytes,
-                    split=split,
-                    finished_at=finished,
-                )
+        split = split_export(source, tmp / "split", requested_key=job.export_key)
+    except DownloadRefused as exc:
+        log.error(
+            "security: download URL refused; bearer token not sent",
+            extra={**ctx, "event": "download_refused", "reason": str(exc)},
+        )
+        fail(rt, job_id, f"download refused: {exc}")
+        return None
+    except DownloadTooLarge as exc:
+        fail(rt, job_id, str(exc))
+        return None
+    except RateLimited as exc:
+        raise RetryLater(exc.retry_after or 0.1, str(exc)) from None
+    except (RetryableApsisError, ApsisAuthError) as exc:
+        _retry_or_fail(rt, job, str(exc), retry_after=getattr(exc, "retry_after", None))
+        return None
+    except (CorruptExport, PermanentApsisError, DownloadError) as exc:
+        _bad_download(rt, job, str(exc), gone=_is_gone(exc), dispatch=dispatch)
+        return None
+    try:
+        rt.storage.put_file(manifest.export_object(job_id), source)
+        for profile in split.profiles:
+            rt.storage.put_file(manifest.profile_object(job_id, profile.index), profile.path)
+        finished = time.time()
+        done = {"state": State.DONE.value, "at": round(finished, 3), "note": "stored"}
+        history = [*rt.jobs.history(job_id), done]
+        body = manifest.encode(
+            manifest.build_manifest(
+                job,
+                history=history,
+                source_sha256=got.sha256,
+                source_bytes=got.bytes,
+                split=split,
+                finished_at=finished,
             )
-            rt.storage.put_bytes(manifest.manifest_object(job_id), body)  # the commit point
-        except StorageError as exc:
-            _retry_or_fail(rt, job, f"storage: {exc}")
-            return None
+        )
+        rt.storage.put_bytes(manifest.manifest_object(job_id), body)  # the commit point
+    except StorageError as exc:
+        _retry_or_fail(rt, job, f"storage: {exc}")
+        return None
     rt.jobs.transition(
         job_id,
         State.DONE,
@@ -383,6 +404,21 @@ def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | No
         extra={**ctx, "bytes": got.bytes, "profiles": len(split.profiles), "state": "done"},
     )
     return _result(rt.jobs.get(job_id))
+
+
+def _bad_download(rt: Runtime, job: Job, reason: str, *, gone: bool, dispatch: Dispatch) -> None:
+    """Fetch a truncated or corrupt file again; after that (or once the link is gone, 410),
+    ask APSIS for a new export; after MAX_ATTEMPTS of those, fail the job."""
+    fetches = int(job.extra.get("fetches", "0") or 0) + 1
+    rt.jobs.update(job.job_id, {"fetches": fetches})
+    if fetches < MAX_FETCHES_PER_ATTEMPT and not gone:
+        _retry_or_fail(rt, job, f"bad download: {reason}")
+        return
+    if job.attempt < MAX_ATTEMPTS:
+        rt.jobs.update(job.job_id, {"fetches": 0})
+        rerequest(rt, job, f"download failed: {reason}", dispatch)
+        return
+    fail(rt, job.job_id, f"download failed after {job.attempt} attempts: {reason}")
 
 
 def _is_gone(exc: Exception) -> bool:

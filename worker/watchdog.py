@@ -1,0 +1,109 @@
+"""The periodic sweep: jobs whose callback never came, jobs past their deadline, stuck jobs.
+
+Every worker runs it (from the inbox thread); a Redis lock that lives one interval lets at
+most one sweep per interval run in the whole pool. It never waits: it only dispatches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker import pipeline
+from worker.jobs import State
+from worker.runtime import Runtime
+
+log = logging.getLogger("apsis.watchdog")
+
+#: Jobs handled per category in one sweep (the next sweep takes the rest).
+SWEEP_BATCH = 500
+LOCK_KEY = "apsis:watchdog:lock"
+
+
+@dataclass
+class SweepReport:
+    rerequested: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    chains_resumed: list[str] = field(default_factory=list)
+
+
+def try_sweep(
+    rt: Runtime,
+    dispatch: pipeline.Dispatch,
+    send_chain: Callable[[dict[str, Any], dict[str, Any]], None],
+    *,
+    now: float | None = None,
+) -> SweepReport | None:
+    """Sweep if no other process swept within WATCHDOG_INTERVAL; None if it was not our turn."""
+    interval_ms = int(rt.settings.WATCHDOG_INTERVAL * 1000)
+    if not rt.redis.set(LOCK_KEY, "1", nx=True, px=interval_ms):
+        return None
+    return sweep(rt, dispatch, send_chain, now=now)
+
+
+def sweep(
+    rt: Runtime,
+    dispatch: pipeline.Dispatch,
+    send_chain: Callable[[dict[str, Any], dict[str, Any]], None],
+    *,
+    now: float | None = None,
+) -> SweepReport:
+    now = time.time() if now is None else now
+    report = SweepReport()
+    s = rt.settings
+
+    for job_id in rt.jobs.past_deadline(now, limit=SWEEP_BATCH):
+        job = rt.jobs.find(job_id)
+        if job is not None and not job.is_final:
+            hours = s.EXPORT_DEADLINE / 3600
+            if pipeline.fail(rt, job_id, f"not done within EXPORT_DEADLINE ({hours:g} h)"):
+                report.failed.append(job_id)
+
+    for job_id in rt.jobs.overdue(now, limit=SWEEP_BATCH):
+        job = rt.jobs.find(job_id)
+        if job is None or job.state not in (State.REQUESTED, State.VERIFIED):
+            continue
+        reason = f"no ready callback within {s.APSIS_CALLBACK_TIMEOUT} s"
+        if job.attempt < pipeline.MAX_ATTEMPTS:
+            if pipeline.rerequest(rt, job, reason, dispatch):
+                report.rerequested.append(job_id)
+        elif pipeline.fail(rt, job_id, f"{reason} after {job.attempt} attempts"):
+            report.failed.append(job_id)
+
+    for job_id in rt.jobs.idle_since(now - s.WATCHDOG_STUCK_AFTER, limit=SWEEP_BATCH):
+        job = rt.jobs.find(job_id)
+        if job is None:
+            continue
+        if float(job.extra.get("retry_at", "0") or 0) > now:
+            continue  # a retry is scheduled; not stuck
+        if rt.redis.exists(f"apsis:lease:{job_id}"):
+            continue  # a live worker is on it
+        if job.state == State.QUEUED:
+            dispatch(pipeline.REQUEST_TASK, [job_id])
+            report.redispatched.append(job_id)
+        elif job.state == State.READY:
+            dispatch(pipeline.FETCH_TASK, [job_id])
+            report.redispatched.append(job_id)
+        elif job.state == State.DONE and pipeline.resume_caller_chain(rt, job_id, send_chain):
+            report.chains_resumed.append(job_id)
+        if job.state in (State.QUEUED, State.READY):
+            # Count this as activity, so the next sweep gives the task time to run.
+            rt.jobs.touch(job_id, now)
+
+    if report.rerequested or report.failed or report.redispatched or report.chains_resumed:
+        log.warning(
+            "watchdog sweep acted",
+            extra={
+                "event": "watchdog",
+                "reason": (
+                    f"rerequested={len(report.rerequested)} failed={len(report.failed)} "
+                    f"redispatched={len(report.redispatched)} "
+                    f"chains={len(report.chains_resumed)}"
+                ),
+            },
+        )
+    return report
