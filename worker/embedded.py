@@ -112,10 +112,13 @@ class EmbeddedRedis:
         self._start_server(port)
         self._wait_ready()
 
-    def kill(self) -> None:
-        """Stop the started redis-server abruptly (for restart tests)."""
+    def kill(self, *, graceful: bool = False) -> None:
+        """Stop the started redis-server (for restart tests): SIGKILL, or SIGTERM if graceful."""
         if self._process is not None:
-            self._process.kill()
+            if graceful:
+                self._process.terminate()
+            else:
+                self._process.kill()
             self._process.wait(timeout=START_TIMEOUT)
 
     def start_again(self) -> None:

@@ -56,8 +56,10 @@ class LocalStack:
         webhook_workers: int = 1,
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        redis_appendonly: bool = False,
     ) -> None:
-        self._redis = EmbeddedRedis(url=redis_url)
+        # redis_url="" forces a redis-server of our own (one the tests may restart).
+        self._redis = EmbeddedRedis(url=redis_url, appendonly=redis_appendonly)
         self._storage_url = storage_url
         self._sandbox_config = sandbox_config
         self._workers = workers
@@ -140,6 +142,13 @@ class LocalStack:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         process.wait(timeout=30)
+
+    def restart_redis(self, *, down_for: float = 0.0, hard: bool = False) -> None:
+        """Stop our redis-server (SIGTERM, or SIGKILL if ``hard``), wait ``down_for`` s, and
+        start it again on the same port; with AOF on, it comes back with its data."""
+        self._redis.kill(graceful=not hard)
+        time.sleep(down_for)
+        self._redis.start_again()
 
     def stop(self) -> None:
         processes = [p for p in [self.webhook, *self.worker_processes] if p is not None]
