@@ -6,10 +6,11 @@ import os
 import sys
 from typing import Any
 
-from celery import Celery, bootsteps, signature
+from celery import Celery, bootsteps, signals, signature
 
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
+from worker.logs import configure_logging
 
 #: Task modules, named as strings: worker/ never imports tasks/.
 TASK_MODULES = ["tasks.export"]
@@ -48,13 +49,26 @@ def _settings_or_exit() -> Settings:
         raise SystemExit(2) from None
 
 
+SETTINGS = _settings_or_exit()
 app = Celery("apsis-export", include=TASK_MODULES)
-app.conf.update(celery_config(_settings_or_exit()))
+app.conf.update(celery_config(SETTINGS))
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    """Our JSON lines in every worker process (main and pool), instead of Celery's text."""
+    configure_logging(SETTINGS.LOG_LEVEL)
 
 
 def send_task(name: str, args: list[Any]) -> None:
     """Dispatch one of our own tasks by name."""
     app.send_task(name, args=args)
+
+
+def send_task_later(name: str, args: list[Any], countdown: float) -> None:
+    """Dispatch one of our tasks after ``countdown`` s (always well under the visibility
+    timeout: callers cap their delays at half of it)."""
+    app.send_task(name, args=args, countdown=countdown if countdown > 0 else None)
 
 
 def send_chain(stored: dict[str, Any], result: dict[str, Any]) -> None:
@@ -84,12 +98,9 @@ class InboxStep(bootsteps.StartStopStep):
         if os.environ.get("APSIS_INBOX_CONSUMER", "1") == "0":
             return
         from worker.consumer import InboxConsumer
-        from worker.logs import configure_logging
         from worker.runtime import get_runtime
         from worker.watchdog import try_sweep
 
-        rt = get_runtime()
-        configure_logging(rt.settings.LOG_LEVEL)
         self.consumer = InboxConsumer(
             get_runtime,
             send_task,

@@ -8,14 +8,16 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 
-from worker import pipeline
+from worker import batches, pipeline
+from worker.batch_file import read_batch_file
 from worker.config import Settings, load_settings
-from worker.errors import ExportError, InputError, JobNotFound
+from worker.errors import BatchFileError, ExportError, InputError, JobNotFound
 from worker.jobs import FINAL, Job, State, new_job_id
 from worker.runtime import Runtime, build_runtime
 
@@ -97,6 +99,8 @@ def _wait(rt: Runtime, job_id: str, *, quiet: bool, timeout: float) -> Job:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     rt = build_runtime(settings)
     job_id = pipeline.validate_job_id(args.job_id)
+    if batches.exists(rt, job_id):
+        return _batch_status(rt, job_id, as_json=args.json)
     job = rt.jobs.get(job_id)
     data = _job_json(rt, job)
     if args.json:
@@ -116,6 +120,129 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     for entry in data["history"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["at"]))
         print(f"  {when}  {entry['state']:<9}  {entry['note']}")
+    return 0
+
+
+def _batch_json(batch: batches.Batch) -> dict[str, Any]:
+    return {
+        "batch_id": batch.batch_id,
+        "state": batch.state,
+        "reference": batch.reference,
+        "account": batch.account,
+        "total": batch.total,
+        "done": batch.done,
+        "failed": batch.failed,
+        "in_flight": batch.in_flight,
+        "waiting": batch.waiting,
+        "manifest": batch.manifest,
+    }
+
+
+def _progress_line(batch: batches.Batch, now: float) -> str:
+    """done/failed/in flight/waiting, a bar, the rate and the ETA."""
+    width = 30
+    filled = int(width * batch.ended / batch.total) if batch.total else width
+    elapsed = max(now - batch.created_at, 1e-6)
+    rate = batch.ended / elapsed
+    remaining = batch.total - batch.ended
+    eta = f"{remaining / rate:,.0f} s" if rate > 0 and remaining else "-"
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {batch.ended}/{batch.total}  "
+        f"done {batch.done}  failed {batch.failed}  in flight {batch.in_flight}  "
+        f"waiting {batch.waiting}  {rate:.2f}/s  ETA {eta}"
+    )
+
+
+def _batch_status(rt: Runtime, batch_id: str, *, as_json: bool) -> int:
+    batch = batches.get(rt, batch_id)
+    if as_json:
+        print(json.dumps(_batch_json(batch), indent=2))
+        return 0
+    print(f"batch     {batch.batch_id}")
+    print(f"state     {batch.state}")
+    if batch.reference:
+        print(f"reference {batch.reference}")
+    print(f"progress  {_progress_line(batch, batch.finished_at or time.time())}")
+    if batch.manifest:
+        print(f"manifest  {batch.manifest}")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.celery import app
+
+    parsed = read_batch_file(Path(args.file))
+    if parsed.bad_lines and not args.skip_invalid:
+        raise BatchFileError(
+            f"{args.file}: {len(parsed.bad_lines)} invalid line(s), nothing submitted "
+            f"(--skip-invalid to leave them out): {parsed.describe_bad_lines()}"
+        )
+    if parsed.bad_lines:
+        sys.stderr.write(f"skipped {len(parsed.bad_lines)}: {parsed.describe_bad_lines()}\n")
+    if parsed.duplicates:
+        sys.stderr.write(f"collapsed {parsed.duplicates} duplicate export key(s)\n")
+    if not parsed.items:
+        raise BatchFileError(f"{args.file}: no export keys")
+    batch_id = args.batch_id or new_job_id()
+    if not batches.BATCH_ID_PATTERN.match(batch_id):
+        raise InputError("batch id must be 1-48 characters of A-Z, a-z, 0-9 and _")
+    rt = build_runtime(settings)
+    rt.redis.ping()
+    settings.account(args.account)
+    app.send_task(
+        "apsis.export_batch",
+        args=[[{"export_key": i.export_key, "reference": i.reference} for i in parsed.items]],
+        kwargs={
+            "include_attribute_history": args.history,
+            "include_type_definitions": args.definitions,
+            "include_merged_profiles": not args.no_merged,
+            "batch_id": batch_id,
+            "reference": args.reference,
+            "account": args.account,
+            "max_in_flight": args.max_in_flight,
+        },
+    )
+    if not args.wait:
+        print(batch_id)
+        return 0
+    sys.stderr.write(f"batch {batch_id}: {len(parsed.items)} export keys\n")
+    deadline = time.monotonic() + args.timeout
+    tty = sys.stderr.isatty()
+    last = 0.0
+    while True:
+        batch = batches.get(rt, batch_id) if batches.exists(rt, batch_id) else None
+        now = time.time()
+        if batch is not None and (tty or now - last >= 5 or batch.is_final):
+            line = _progress_line(batch, now)
+            sys.stderr.write(("\r" + line) if tty else (line + "\n"))
+            sys.stderr.flush()
+            last = now
+        if batch is not None and batch.is_final:
+            if tty:
+                sys.stderr.write("\n")
+            print(
+                f"{batch_id} {batch.state} done {batch.done} failed {batch.failed} {batch.manifest}"
+            )
+            return 0 if batch.failed == 0 and batch.state == "done" else 1
+        if time.monotonic() > deadline:
+            raise ExportError(f"batch {batch_id} not finished after {args.timeout:.0f} s")
+        time.sleep(WAIT_POLL)
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.celery import send_task
+
+    rt = build_runtime(settings)
+    batch_id = pipeline.validate_job_id(args.batch_id)
+    if not batches.cancel(rt, batch_id):
+        raise InputError(f"batch {batch_id} is {batches.get(rt, batch_id).state}; not running")
+    batch = batches.get(rt, batch_id)
+    if batches.complete(batch):
+        send_task(batches.FINALIZE_TASK, [batch_id])
+    print(
+        f"{batch_id} cancelled: {batch.in_flight} in flight will finish, "
+        f"{batch.total - batch.submitted} not sent"
+    )
     return 0
 
 
@@ -185,8 +312,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("status", help="show a job's state, history and result")
-    p.add_argument("job_id")
+    p = sub.add_parser("batch", help="export every key in a file (one a line, or CSV)")
+    p.add_argument("file", help="one export key a line, or a CSV with an export_key column")
+    p.add_argument("--history", action="store_true", help="include attribute history")
+    p.add_argument("--definitions", action="store_true", help="include type definitions")
+    p.add_argument("--no-merged", action="store_true", help="leave out merged profiles")
+    p.add_argument("--reference", help="your own id for the batch")
+    p.add_argument("--batch-id", help="idempotency key: the same id twice is one batch")
+    p.add_argument("--account", help="APSIS account (default: APSIS_ACCOUNT)")
+    p.add_argument("--max-in-flight", type=int, default=batches.DEFAULT_MAX_IN_FLIGHT)
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid lines")
+    p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
+    p.add_argument("--timeout", type=float, default=7 * 86400.0, help="seconds --wait waits")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("cancel", help="stop a batch's new requests")
+    p.add_argument("batch_id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("status", help="show a job's or a batch's state and result")
+    p.add_argument("job_id", help="a job id or a batch id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 

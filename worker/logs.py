@@ -76,7 +76,10 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
     """Send this process's logs to stderr: JSON lines unless stderr is a terminal."""
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
-    handler = logging.StreamHandler(sys.stderr)
+    # The real stderr: in a celery worker's main process sys.stderr is celery's LoggingProxy,
+    # which feeds records back into logging, where they are dropped (the inbox consumer's
+    # and the watchdog's logs were lost).
+    handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -84,3 +87,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
     # Libraries that log URLs (which can carry callback tokens) stay at WARNING.
     for noisy in ("urllib3", "werkzeug", "botocore", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Celery's DEBUG lines print task arguments, export keys among them: INFO at most.
+    logging.getLogger("celery").setLevel(
+        max(logging.getLevelNamesMapping().get(level.upper(), logging.INFO), logging.INFO)
+    )
