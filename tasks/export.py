@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
-from worker import pipeline
-from worker.celery import send_chain, send_task
+from worker import batches, pipeline
+from worker.batch_file import BatchItem
+from worker.celery import send_chain, send_task, send_task_later
 from worker.errors import InputError
 from worker.jobs import ExportOptions
 from worker.runtime import get_runtime
@@ -52,6 +55,12 @@ def export_profile(
     except InputError as exc:
         # A caller's bad input: nothing to retry; the error names no personal data.
         return {"job_id": job_id, "state": "rejected", "error": str(exc)}
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Redis unreachable before the job is recorded: a failed task is acknowledged
+        # (acks_late acks failures) and the caller's request would be lost. Requeue the
+        # message instead; if Redis is still down, it stays unacknowledged and the broker
+        # redelivers it after the visibility timeout.
+        raise Reject(f"redis unavailable: {type(exc).__name__}", requeue=True) from None
     _request(self, job_id)
     return {"job_id": job_id, "state": rt.jobs.get(job_id).state.value}
 
@@ -78,3 +87,62 @@ def fetch_export(self: Task[Any, Any], job_id: str) -> None:
     except pipeline.RetryLater as later:
         raise self.retry(countdown=later.delay, max_retries=None) from None
     pipeline.resume_caller_chain(rt, job_id, send_chain)
+
+
+@shared_task(name="apsis.export_batch", bind=True)
+def export_batch(
+    self: Task[Any, Any],
+    export_keys: list[Any],
+    *,
+    include_attribute_history: bool = False,
+    include_type_definitions: bool = False,
+    include_merged_profiles: bool = True,
+    batch_id: str | None = None,
+    reference: str | None = None,
+    account: str | None = None,
+    max_in_flight: int = batches.DEFAULT_MAX_IN_FLIGHT,
+) -> dict[str, Any]:
+    """Record a batch (keys, or {"export_key", "reference"} objects) and start feeding it."""
+    rt = get_runtime()
+    batch_id = batch_id or pipeline.job_id_from_task_id(self.request.id)
+    stored = {"chain": self.request.chain or [], "link": self.request.callbacks or []}
+    self.request.chain = None  # resumed when the whole batch has ended
+    self.request.callbacks = None
+    items = [
+        BatchItem(k["export_key"], k.get("reference")) if isinstance(k, dict) else BatchItem(k)
+        for k in export_keys
+    ]
+    options = ExportOptions(
+        include_attribute_history=include_attribute_history,
+        include_type_definitions=include_type_definitions,
+        include_merged_profiles=include_merged_profiles,
+    )
+    try:
+        batches.create(
+            rt,
+            batch_id,
+            items,
+            options=options,
+            reference=reference,
+            account=account,
+            max_in_flight=max_in_flight,
+            chain=stored if stored["chain"] or stored["link"] else None,
+        )
+    except InputError as exc:
+        return {"batch_id": batch_id, "state": "rejected", "error": str(exc)}
+    send_task(batches.FEED_TASK, [batch_id])
+    return {"batch_id": batch_id, "state": "running"}
+
+
+@shared_task(name="apsis.feed_batch")
+def feed_batch(batch_id: str) -> None:
+    """Send the batch's next requests at the allowed pace; hand over to a fresh feed task."""
+    again = batches.feed(get_runtime(), batch_id, send_task_later)
+    if again is not None:
+        send_task_later(batches.FEED_TASK, [batch_id], again)
+
+
+@shared_task(name="apsis.finalize_batch")
+def finalize_batch(batch_id: str) -> None:
+    """Write the batch's summary and manifest once its last job has ended."""
+    batches.finalize(get_runtime(), batch_id, send_chain)

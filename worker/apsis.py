@@ -144,8 +144,11 @@ def _where(url: str) -> str:
 
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
+    # is_private misses the shared space 100.64.0.0/10, where Alibaba Cloud's metadata
+    # service lives (100.100.100.200); is_global excludes it.
     return not (
-        ip.is_private
+        not ip.is_global
+        or ip.is_private
         or ip.is_loopback
         or ip.is_link_local
         or ip.is_multicast
@@ -232,6 +235,10 @@ class ApsisClient:
         self._max_wait = max_wait
         self.tokens = TokenCache(redis_client, account, self._fetch_token)
 
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
     # -- pacing -----------------------------------------------------------------------
 
     def _pace(self, kind: str, limit: Limit) -> None:
@@ -300,9 +307,17 @@ class ApsisClient:
         history: bool,
         definitions: bool,
         merged: bool,
+        paced: bool = True,
+        send_at: float | None = None,
     ) -> None:
-        """Ask APSIS for the profile's export; it answers 202 and calls back later."""
-        self._pace("export", self._limits.export)
+        """Ask APSIS for the profile's export; it answers 202 and calls back later.
+
+        ``paced=False`` when the caller already holds an export slot from the limiter;
+        ``send_at`` (time.monotonic()) is that slot's time: the request leaves then, after
+        everything else is prepared, so local delays do not bunch requests together.
+        """
+        if paced:
+            self._pace("export", self._limits.export)
         url = self.base_url + EXPORT_PATH.format(export_key=quote(export_key, safe=""))
         body = {
             "callback_url": callback_url,
@@ -320,6 +335,8 @@ class ApsisClient:
                 allow_redirects=False,
             )
 
+        if send_at is not None:
+            time.sleep(max(0.0, send_at - time.monotonic()))
         try:
             response = self._authorized(send, "export request")
         except requests.RequestException as exc:

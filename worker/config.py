@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from worker.errors import ConfigError
 
 #: Minimum length of a callback secret, in bytes (HMAC-SHA256 keys shorter than the
 #: digest weaken it).
 MIN_SECRET_BYTES = 32
+
+
+class AccountSettings(BaseModel):
+    """One more APSIS account (another region or brand), from APSIS_ACCOUNTS."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = "https://api.apsis.one"
+    client_id: str
+    client_secret: str
+    export_rate: float = Field(1.0, gt=0)
+    download_rate: float = Field(60.0, gt=0)
+    token_rate: float = Field(10.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("base_url must be an http(s) URL with a host")
+        return value.rstrip("/")
 
 
 class Settings(BaseSettings):
@@ -33,6 +55,9 @@ class Settings(BaseSettings):
     APSIS_DOWNLOAD_RATE: float = Field(60.0, gt=0)
     #: Token requests per minute allowed for the account (documented: 10).
     APSIS_TOKEN_RATE: float = Field(10.0, gt=0)
+    #: More accounts as JSON: {"apac": {"base_url": "https://api-apac.apsis.one",
+    #: "client_id": "...", "client_secret": "...", "export_rate": 1, ...}, ...}.
+    APSIS_ACCOUNTS: dict[str, AccountSettings] = Field(default_factory=dict)
     #: Seconds to wait for APSIS's "ready" callback before re-requesting the export.
     APSIS_CALLBACK_TIMEOUT: int = Field(6 * 3600, gt=0)
     #: Seconds from a job's creation after which it fails if not done (GDPR allows a month).
@@ -121,6 +146,26 @@ class Settings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
 
+    def account(self, name: str | None) -> AccountSettings:
+        """The named account's settings (the APSIS_* variables for APSIS_ACCOUNT)."""
+        name = name or self.APSIS_ACCOUNT
+        if name == self.APSIS_ACCOUNT:
+            self.require("APSIS_CLIENT_ID", "APSIS_CLIENT_SECRET")
+            return AccountSettings(
+                base_url=self.APSIS_BASE_URL,
+                client_id=self.APSIS_CLIENT_ID or "",
+                client_secret=self.APSIS_CLIENT_SECRET or "",
+                export_rate=self.APSIS_EXPORT_RATE,
+                download_rate=self.APSIS_DOWNLOAD_RATE,
+                token_rate=self.APSIS_TOKEN_RATE,
+            )
+        if name not in self.APSIS_ACCOUNTS:
+            raise ConfigError(f"APSIS account {name!r} is not configured (APSIS_ACCOUNTS)")
+        return self.APSIS_ACCOUNTS[name]
+
+    def account_names(self) -> list[str]:
+        return [self.APSIS_ACCOUNT, *sorted(set(self.APSIS_ACCOUNTS) - {self.APSIS_ACCOUNT})]
+
     def require(self, *names: str) -> Settings:
         """Raise ConfigError naming the first of ``names`` that is unset; return self."""
         for name in names:
@@ -133,6 +178,10 @@ def load_settings(*, require: Iterable[str] = (), **overrides: object) -> Settin
     """Read the settings from the environment; any problem is one ConfigError line."""
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as exc:
+        match = re.search(r'field "([A-Z_]+)"', str(exc))
+        name = match.group(1) if match else "configuration"
+        raise ConfigError(f"{name} is invalid: not valid JSON") from None
     except ValidationError as exc:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"]) or "configuration"

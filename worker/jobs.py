@@ -48,7 +48,7 @@ ALLOWED_FROM: dict[State, tuple[State, ...]] = {
 # KEYS: job, history, waiting zset, state counts, open zset, deadlines zset.
 # ARGV: to, allowed-from (comma list), expected attempt ('' = any), now, history entry,
 #       waiting score ('' = leave the waiting set, 'keep' = as it is), attempt increment,
-#       then field/value pairs.
+#       batch key prefix, then field/value pairs.
 # Returns {applied (0/1), the state after the call}.
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -62,7 +62,7 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then
   return {0, state}
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[4])
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[1], 'attempt', ARGV[7]) end
@@ -83,13 +83,21 @@ else
 end
 if ARGV[1] == 'done' or ARGV[1] == 'failed' then
   redis.call('ZREM', KEYS[6], KEYS[1])
+  -- A batch counts its jobs' ends in the same step, so each end is counted exactly once.
+  -- (The batch key is derived here: single-node Redis, not Redis Cluster.)
+  local batch = redis.call('HGET', KEYS[1], 'batch_id')
+  if batch and batch ~= '' then
+    local bk = ARGV[8] .. batch
+    redis.call('HINCRBY', bk, ARGV[1], 1)
+    redis.call('HINCRBY', bk, 'in_flight', -1)
+  end
 elseif ARGV[1] == 'queued' then
   redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'deadline'), KEYS[1])
 end
 return {1, ARGV[1]}
 """
 
-# KEYS: job, history, state counts, open zset, deadlines zset. ARGV: history entry, now,
+# KEYS: job, history, state counts, open zset, deadlines zset, [batch]. ARGV: history, now,
 # deadline, then field/value pairs. Creates the job unless it exists: returns 1 if created.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -100,6 +108,10 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'queued', 1)
 redis.call('ZADD', KEYS[4], ARGV[2], KEYS[1])
 redis.call('ZADD', KEYS[5], ARGV[3], KEYS[1])
+if KEYS[6] then
+  redis.call('HINCRBY', KEYS[6], 'submitted', 1)
+  redis.call('HINCRBY', KEYS[6], 'in_flight', 1)
+end
 return 1
 """
 
@@ -295,6 +307,8 @@ class JobStore:
             self.open_key,
             self.deadlines_key,
         ]
+        if batch_id:
+            keys.append(f"{self._prefix}:batch:{batch_id}")
         return bool(self._create(keys=keys, args=args))
 
     def get(self, job_id: str) -> Job:
@@ -345,6 +359,7 @@ class JobStore:
             _history(to, now, note),
             "keep" if keep_waiting else "" if waiting_until is None else repr(waiting_until),
             "1" if new_attempt else "0",
+            f"{self._prefix}:batch:",
         ]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]

@@ -138,7 +138,7 @@ def callback_url(rt: Runtime, job: Job) -> str:
     return f"{s.CALLBACK_BASE_URL}/callbacks/{token}"
 
 
-def request(rt: Runtime, job_id: str) -> None:
+def request(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> None:
     """Ask APSIS for the export of a queued job; then the job waits and no task runs.
 
     Raises RetryLater for errors worth retrying; fails the job on permanent ones.
@@ -146,14 +146,19 @@ def request(rt: Runtime, job_id: str) -> None:
     job = rt.jobs.get(job_id)
     if job.state != State.QUEUED:
         return  # already requested (a redelivered task) or finished
+    if job.batch_id and rt.redis.hget(f"apsis:batch:{job.batch_id}", "state") == b"cancelled":
+        fail(rt, job_id, "batch cancelled before the export was requested")
+        return
     ctx = {"job_id": job_id, "attempt": job.attempt}
     try:
-        rt.apsis.request_export(
+        rt.apsis_for(job.account).request_export(
             job.export_key,
             callback_url(rt, job),
             history=job.options.include_attribute_history,
             definitions=job.options.include_type_definitions,
             merged=job.options.include_merged_profiles,
+            paced=slot_at is None,
+            send_at=slot_at,
         )
     except RateLimited as exc:
         # Our own pool-wide limiter said "not yet": not a failure, not counted.
@@ -215,13 +220,20 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
         log.info("callback for an older attempt ignored", extra=ctx)
         return "stale"
     if callback.code == 100:
+        # From queued (APSIS called back before the request task recorded its 202, or that
+        # task died in between) the job is in no watchdog set yet: start its callback
+        # deadline here, or a dropped ready callback would leave it waiting forever.
+        from_queued = job.state == State.QUEUED
         applied, _ = rt.jobs.transition(
             job.job_id,
             State.VERIFIED,
             attempt=job.attempt,
             allowed_from=(State.QUEUED, State.REQUESTED),
             note="APSIS verified the callback",
-            keep_waiting=True,
+            keep_waiting=not from_queued,
+            waiting_until=(
+                time.time() + rt.settings.APSIS_CALLBACK_TIMEOUT if from_queued else None
+            ),
         )
         return "verified" if applied else "duplicate"
     if callback.code == 200:
@@ -238,10 +250,12 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
             log.info("export ready; fetch dispatched", extra=ctx)
             return "ready"
         return "duplicate"
-    # Any other code is APSIS reporting a failure; its message is APSIS's text.
-    reason = f"APSIS reported failure code {callback.code}: {callback.message[:200]}"
+    # Any other code is APSIS reporting a failure. Its message is APSIS's free text, which
+    # may name the profile (the sandbox's does): the job record keeps it, logs never do.
+    logged = f"APSIS reported failure code {callback.code}"
+    reason = f"{logged}: {callback.message[:200]}"
     if job.attempt < MAX_ATTEMPTS and job.state in (State.QUEUED, State.REQUESTED, State.VERIFIED):
-        if rerequest(rt, job, reason, dispatch):
+        if rerequest(rt, job, reason, dispatch, logged_reason=logged):
             return "rerequested"
         return "duplicate"
     applied, _ = rt.jobs.transition(
@@ -253,12 +267,20 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
         fields={"error": reason},
     )
     if applied:
+        log.error("job failed", extra={**ctx, "reason": logged, "state": "failed"})
         write_failure_manifest(rt, job.job_id, reason)
+        announce(rt, rt.jobs.get(job.job_id))
     return "failed" if applied else "duplicate"
 
 
-def rerequest(rt: Runtime, job: Job, reason: str, dispatch: Dispatch) -> bool:
-    """Start a new attempt (a fresh callback token) for the job; old callbacks go stale."""
+def rerequest(
+    rt: Runtime, job: Job, reason: str, dispatch: Dispatch, *, logged_reason: str | None = None
+) -> bool:
+    """Start a new attempt (a fresh callback token) for the job; old callbacks go stale.
+
+    ``reason`` goes into the job's history; ``logged_reason``, when given, replaces it in the
+    log line (for reasons carrying text from APSIS, which may hold personal data).
+    """
     applied, _ = rt.jobs.transition(
         job.job_id,
         State.QUEUED,
@@ -268,7 +290,10 @@ def rerequest(rt: Runtime, job: Job, reason: str, dispatch: Dispatch) -> bool:
         fields={"download_url": "", "ready_entry": ""},
     )
     if applied:
-        log.warning("re-requesting the export", extra={"job_id": job.job_id, "reason": reason})
+        log.warning(
+            "re-requesting the export",
+            extra={"job_id": job.job_id, "reason": logged_reason or reason},
+        )
         dispatch(REQUEST_TASK, [job.job_id])
     return applied
 
@@ -339,7 +364,7 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
     source = tmp / "export.json"
     try:
         with source.open("wb") as out:
-            got = rt.apsis.download(
+            got = rt.apsis_for(job.account).download(
                 job.download_url or "",
                 out,
                 max_bytes=s.DOWNLOAD_MAX_BYTES,
@@ -397,8 +422,10 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
             "source_bytes": got.bytes,
             "profiles": len(split.profiles),
             "merged_found": sum(1 for p in split.profiles if p.role == "merged"),
+            "merged_keys": [p.export_key for p in split.profiles if p.role == "merged"],
         },
     )
+    _after_end(rt, job.batch_id, dispatch)
     log.info(
         "export stored",
         extra={**ctx, "bytes": got.bytes, "profiles": len(split.profiles), "state": "done"},
@@ -442,8 +469,19 @@ def fail(rt: Runtime, job_id: str, reason: str) -> bool:
     if applied:
         log.error("job failed", extra={"job_id": job_id, "reason": reason, "state": "failed"})
         write_failure_manifest(rt, job_id, reason)
-        announce(rt, rt.jobs.get(job_id))
+        job = rt.jobs.get(job_id)
+        announce(rt, job)
+        _after_end(rt, job.batch_id, None)
     return applied
+
+
+def _after_end(rt: Runtime, batch_id: str | None, dispatch: Dispatch | None) -> None:
+    """A batch job ended: if it was the batch's last, have the batch finalized."""
+    dispatch = dispatch or rt.dispatch
+    if batch_id and dispatch is not None:
+        from worker import batches  # batches builds on this module
+
+        batches.on_job_end(rt, batch_id, dispatch)
 
 
 def write_failure_manifest(rt: Runtime, job_id: str, reason: str) -> None:

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import redis
 
-#: Fraction of the documented rate the pool aims at. APSIS counts requests as they arrive;
-#: a few ms of network jitter would turn exact pacing into an occasional 429, so the pool
-#: keeps a 2% margin (at 1 request/s: one request every 1.02 s).
-RATE_SAFETY = 0.98
+#: Fraction of the documented rate the pool aims at. APSIS counts requests as they arrive,
+#: and arrival times jitter by tens of ms on a loaded host, so exact pacing would earn an
+#: occasional 429; a 3% margin absorbed all of it in bench/quota (at 1 request/s: one
+#: request every 1.03 s).
+RATE_SAFETY = 0.97
 
 # KEYS[1] bucket; ARGV: emission interval (us), burst tolerance (us), max wait (us).
 # Returns the wait in us: >= 0 a slot was reserved that far in the future (sleep, then go);

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
 from worker.apsis import ApsisClient, Limits
-from worker.config import Settings, load_settings
+from worker.config import AccountSettings, Settings, load_settings
 from worker.inbox import Inbox
 from worker.jobs import JobStore
 from worker.logs import key_ref
@@ -40,33 +43,42 @@ class Runtime:
     inbox: Inbox
     limiter: RateLimiter
     storage: Storage
-    _apsis: ApsisClient | None = field(default=None, repr=False)
+    #: Sends one of our tasks by name (set in worker processes; unit tests pass their own).
+    dispatch: Callable[[str, list[Any]], None] | None = None
+    _clients: dict[str, ApsisClient] = field(default_factory=dict, repr=False)
 
     @property
     def apsis(self) -> ApsisClient:
-        if self._apsis is None:
-            s = self.settings.require("APSIS_CLIENT_ID", "APSIS_CLIENT_SECRET")
-            self._apsis = ApsisClient(
-                base_url=s.APSIS_BASE_URL,
-                client_id=s.APSIS_CLIENT_ID or "",
-                client_secret=s.APSIS_CLIENT_SECRET or "",
-                account=s.APSIS_ACCOUNT,
+        """The client of the default account (APSIS_ACCOUNT)."""
+        return self.apsis_for(None)
+
+    def apsis_for(self, account: str | None) -> ApsisClient:
+        """The client of a named account: its own host, credentials, token and limits."""
+        name = account or self.settings.APSIS_ACCOUNT
+        if name not in self._clients:
+            config = self.settings.account(name)
+            self._clients[name] = ApsisClient(
+                base_url=config.base_url,
+                client_id=config.client_id,
+                client_secret=config.client_secret,
+                account=name,
                 redis_client=self.redis,
                 limiter=self.limiter,
-                limits=limits_from(s),
+                limits=limits_from(config),
             )
-        return self._apsis
+        return self._clients[name]
 
     def key_ref(self, export_key: str) -> str:
         secret = (self.settings.CALLBACK_SECRET or "unkeyed").encode()
         return key_ref(export_key, secret)
 
 
-def limits_from(settings: Settings) -> Limits:
+def limits_from(account: AccountSettings) -> Limits:
+    """Export requests per second; downloads and token requests per minute."""
     return Limits(
-        export=Limit(settings.APSIS_EXPORT_RATE, 1.0),
-        download=Limit(settings.APSIS_DOWNLOAD_RATE, 60.0),
-        token=Limit(settings.APSIS_TOKEN_RATE, 60.0),
+        export=Limit(account.export_rate, 1.0),
+        download=Limit(account.download_rate, 60.0),
+        token=Limit(account.token_rate, 60.0),
     )
 
 
@@ -85,7 +97,9 @@ def build_runtime(settings: Settings | None = None) -> Runtime:
 
 @functools.cache
 def _runtime_for_pid(pid: int) -> Runtime:
-    return build_runtime()
+    rt = build_runtime()
+    rt.dispatch = importlib.import_module("worker.celery").send_task
+    return rt
 
 
 def get_runtime() -> Runtime:

@@ -94,6 +94,8 @@ def sweep(
             # Count this as activity, so the next sweep gives the task time to run.
             rt.jobs.touch(job_id, now)
 
+    _sweep_batches(rt, dispatch, now, report)
+
     if report.rerequested or report.failed or report.redispatched or report.chains_resumed:
         log.warning(
             "watchdog sweep acted",
@@ -107,3 +109,33 @@ def sweep(
             },
         )
     return report
+
+
+def _sweep_batches(
+    rt: Runtime, dispatch: pipeline.Dispatch, now: float, report: SweepReport
+) -> None:
+    """Batches whose feeder died, or whose finalize was lost, are started again."""
+    from worker import batches
+
+    stale: list[bytes] = rt.redis.zrangebyscore(  # type: ignore[assignment]
+        batches.RUNNING_KEY, "-inf", now - rt.settings.WATCHDOG_STUCK_AFTER, start=0, num=100
+    )
+    for raw in stale:
+        batch_id = raw.decode()
+        if not batches.exists(rt, batch_id):
+            rt.redis.zrem(batches.RUNNING_KEY, batch_id)
+            continue
+        batch = batches.get(rt, batch_id)
+        if batch.is_final:
+            rt.redis.zrem(batches.RUNNING_KEY, batch_id)
+        elif batches.complete(batch):
+            dispatch(batches.FINALIZE_TASK, [batch_id])
+            report.redispatched.append(batch_id)
+        elif (
+            batch.state == "running"
+            and batch.submitted < batch.total
+            and not rt.redis.exists(f"apsis:lease:batch-{batch_id}")
+        ):
+            dispatch(batches.FEED_TASK, [batch_id])
+            report.redispatched.append(batch_id)
+        rt.redis.zadd(batches.RUNNING_KEY, {batch_id: now}, xx=True)

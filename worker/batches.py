@@ -1,0 +1,369 @@
+"""Batches: thousands of exports fed to APSIS at the pace its quota allows, then summarised.
+
+A batch is a Redis hash plus the list of its items. Nothing is enqueued per item up front:
+one feed task at a time (a lease) creates each job and sends its request when the pool-wide
+limiter grants a slot, up to ``max_in_flight`` unfinished jobs, then hands over to a fresh
+feed task every few seconds. So a batch of 50,000 keeps the broker small and cancels at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker import pipeline
+from worker.batch_file import BatchItem
+from worker.errors import InputError, JobNotFound
+from worker.jobs import ExportOptions, State
+from worker.lease import JobLease, LeaseBusy
+from worker.manifest import product_version
+from worker.runtime import Runtime
+
+log = logging.getLogger("apsis.batch")
+
+#: Seconds one feed task works before handing over to the next (well under the broker's
+#: visibility timeout, and short enough that no worker slot is held for long).
+FEED_SLICE = 10.0
+#: Seconds the limiter may park the feeder for one slot before it reschedules itself.
+FEED_MAX_WAIT = 1.0
+#: Threads sending a feeder's requests (so one slow answer does not delay the next send).
+SENDERS = 4
+#: Seconds between two looks when the batch has max_in_flight unfinished jobs.
+FEED_FULL_PAUSE = 2.0
+#: Default cap on a batch's unfinished jobs (each is a small Redis hash while it waits).
+DEFAULT_MAX_IN_FLIGHT = 10_000
+#: Batch ids: the job ids ``<batch_id>-<n>`` must stay within 64 characters.
+BATCH_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_]{1,48}\Z")
+FEED_TASK = "apsis.feed_batch"
+FINALIZE_TASK = "apsis.finalize_batch"
+RUNNING_KEY = "apsis:batches:running"
+SUMMARY_COLUMNS = [
+    "export_key",
+    "reference",
+    "state",
+    "reason",
+    "manifest",
+    "merged_keys_found",
+    "bytes",
+    "job_id",
+]
+
+DispatchLater = Callable[[str, list[Any], float], None]
+
+
+def batch_key(batch_id: str) -> str:
+    return f"apsis:batch:{batch_id}"
+
+
+def items_key(batch_id: str) -> str:
+    return f"apsis:batch:{batch_id}:items"
+
+
+def job_id_for(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index}"
+
+
+def summary_object(batch_id: str) -> str:
+    return f"batches/{batch_id}/summary.csv"
+
+
+def manifest_object(batch_id: str) -> str:
+    return f"batches/{batch_id}/manifest.json"
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    state: str  # running, cancelled (no new requests), done, cancelled-done
+    total: int
+    submitted: int
+    done: int
+    failed: int
+    created_at: float
+    account: str
+    options: ExportOptions
+    reference: str | None
+    max_in_flight: int
+    manifest: str | None
+    finished_at: float | None
+    chain: dict[str, Any] | None
+
+    @property
+    def ended(self) -> int:
+        return self.done + self.failed
+
+    @property
+    def in_flight(self) -> int:
+        return self.submitted - self.ended
+
+    @property
+    def waiting(self) -> int:
+        return self.total - self.submitted if self.state == "running" else 0
+
+    @property
+    def is_final(self) -> bool:
+        return self.finished_at is not None
+
+
+def get(rt: Runtime, batch_id: str) -> Batch:
+    raw = rt.redis.hgetall(batch_key(batch_id))
+    if not raw:
+        raise JobNotFound(f"no batch {batch_id}")
+    data = {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
+    return Batch(
+        batch_id=batch_id,
+        state=data["state"],
+        total=int(data["total"]),
+        submitted=int(data.get("submitted", 0)),
+        done=int(data.get("done", 0)),
+        failed=int(data.get("failed", 0)),
+        created_at=float(data["created_at"]),
+        account=data["account"],
+        options=ExportOptions.from_json(json.loads(data["options"])),
+        reference=data.get("reference") or None,
+        max_in_flight=int(data["max_in_flight"]),
+        manifest=data.get("manifest") or None,
+        finished_at=float(data["finished_at"]) if data.get("finished_at") else None,
+        chain=json.loads(data["chain"]) if data.get("chain") else None,
+    )
+
+
+def exists(rt: Runtime, batch_id: str) -> bool:
+    return bool(rt.redis.exists(batch_key(batch_id)))
+
+
+def create(
+    rt: Runtime,
+    batch_id: str,
+    items: list[BatchItem],
+    *,
+    options: ExportOptions,
+    reference: str | None = None,
+    account: str | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    chain: dict[str, Any] | None = None,
+) -> bool:
+    """Record the batch and its items (idempotent on ``batch_id``); True if it is new."""
+    if not BATCH_ID_PATTERN.match(batch_id):
+        raise InputError("batch id must be 1-48 characters of A-Z, a-z, 0-9 and _")
+    if not items:
+        raise InputError("the batch has no export keys")
+    for item in items:
+        pipeline.validate_export_key(item.export_key)
+    account = account or rt.settings.APSIS_ACCOUNT
+    rt.settings.account(account)  # an unknown account is refused now, not per job
+    key = batch_key(batch_id)
+    if not rt.redis.hsetnx(key, "state", "creating"):
+        return False
+    pipe = rt.redis.pipeline(transaction=True)
+    pipe.delete(items_key(batch_id))
+    for start in range(0, len(items), 1000):
+        chunk = items[start : start + 1000]
+        pipe.rpush(items_key(batch_id), *[json.dumps([i.export_key, i.reference]) for i in chunk])
+    fields: dict[str, str] = {
+        "batch_id": batch_id,
+        "total": str(len(items)),
+        "submitted": "0",
+        "done": "0",
+        "failed": "0",
+        "created_at": repr(time.time()),
+        "account": account,
+        "options": json.dumps(options.to_json()),
+        "reference": reference or "",
+        "max_in_flight": str(max_in_flight),
+        "chain": json.dumps(chain) if chain else "",
+        "state": "running",  # last: the batch is visible as running only once complete
+    }
+    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+    pipe.zadd(RUNNING_KEY, {batch_id: time.time()})
+    pipe.execute()
+    log.info("batch created", extra={"batch_id": batch_id, "profiles": len(items)})
+    return True
+
+
+def feed(rt: Runtime, batch_id: str, dispatch_later: DispatchLater) -> float | None:
+    """Create and request the batch's next jobs as fast as the limiter allows.
+
+    Returns the seconds after which the feed should run again, or None when every item has
+    been submitted (or the batch was cancelled, or another feeder holds the lease).
+    """
+    try:
+        with JobLease(rt.redis, f"batch-{batch_id}"):
+            return _feed(rt, batch_id, dispatch_later)
+    except LeaseBusy:
+        return None
+
+
+def _feed(rt: Runtime, batch_id: str, dispatch_later: DispatchLater) -> float | None:
+    # Requests leave from a few sender threads, so one slow APSIS answer never makes the
+    # next request late: a late request bunches up with the one a window after it, and
+    # APSIS's per-window count would answer that one 429.
+    with ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="apsis-feed") as senders:
+        return _feed_slice(rt, batch_id, dispatch_later, senders)
+
+
+def _send(rt: Runtime, job_id: str, slot_at: float, dispatch_later: DispatchLater) -> None:
+    try:
+        pipeline.request(rt, job_id, slot_at=slot_at)  # the slot reserved for this request
+    except pipeline.RetryLater as later:
+        dispatch_later(pipeline.REQUEST_TASK, [job_id], later.delay)
+    except Exception:
+        # The job stays queued; the watchdog dispatches its request task again.
+        log.exception("batch request failed", extra={"job_id": job_id})
+
+
+def _feed_slice(
+    rt: Runtime, batch_id: str, dispatch_later: DispatchLater, senders: ThreadPoolExecutor
+) -> float | None:
+    started = time.monotonic()
+    batch = get(rt, batch_id)
+    limit = rt.apsis_for(batch.account).limits.export
+    while time.monotonic() - started < FEED_SLICE:
+        batch = get(rt, batch_id)
+        rt.redis.zadd(RUNNING_KEY, {batch_id: time.time()})
+        if batch.state != "running" or batch.submitted >= batch.total:
+            return None  # stays in RUNNING_KEY until finalized: the watchdog's safety net
+        if batch.in_flight >= batch.max_in_flight:
+            return FEED_FULL_PAUSE
+        slot = rt.limiter.acquire(batch.account, "export", limit, max_wait=FEED_MAX_WAIT)
+        if not slot.granted:
+            return slot.wait
+        # Prepare the job now and send at the slot's time: Redis work done after the wait
+        # would delay some requests more than others and bunch them together at APSIS.
+        slot_at = time.monotonic() + slot.wait
+        index = batch.submitted
+        raw = rt.redis.lindex(items_key(batch_id), index)
+        if raw is None:
+            return None
+        export_key, reference = json.loads(raw)
+        job_id = job_id_for(batch_id, index)
+        pipeline.submit(
+            rt,
+            export_key,
+            options=batch.options,
+            job_id=job_id,
+            reference=reference or batch.reference,
+            batch_id=batch_id,
+            account=batch.account,
+        )
+        senders.submit(_send, rt, job_id, slot_at, dispatch_later)
+        # Do not run ahead of the slot: the next one is reserved only when this one is due.
+        time.sleep(max(0.0, slot_at - time.monotonic()))
+    return 0.0
+
+
+def cancel(rt: Runtime, batch_id: str) -> bool:
+    """Stop new requests now; jobs already with APSIS finish. True if it was running."""
+    batch = get(rt, batch_id)
+    if batch.state != "running":
+        return False
+    rt.redis.hset(batch_key(batch_id), "state", "cancelled")
+    rt.redis.zrem(RUNNING_KEY, batch_id)
+    log.warning("batch cancelled", extra={"batch_id": batch_id})
+    return True
+
+
+def is_cancelled(rt: Runtime, batch_id: str | None) -> bool:
+    if not batch_id:
+        return False
+    state = rt.redis.hget(batch_key(batch_id), "state")
+    return state is not None and state.decode() == "cancelled"  # type: ignore[union-attr]
+
+
+def complete(batch: Batch) -> bool:
+    if batch.state == "running":
+        return batch.ended >= batch.total
+    return batch.state == "cancelled" and batch.ended >= batch.submitted
+
+
+def finalize(
+    rt: Runtime,
+    batch_id: str,
+    send_chain: Callable[[dict[str, Any], dict[str, Any]], None],
+) -> bool:
+    """Write summary.csv, then the batch manifest (last), announce it, resume its chain.
+
+    Idempotent: a re-run rewrites the same objects; the chain is sent once.
+    """
+    batch = get(rt, batch_id)
+    if batch.is_final or not complete(batch):
+        return False
+    counts = {"done": 0, "failed": 0, "cancelled": 0}
+    with tempfile.TemporaryDirectory(prefix="apsis-batch-") as tmp:
+        summary = Path(tmp) / "summary.csv"
+        with summary.open("w", newline="", encoding="utf-8") as out:
+            writer = csv.writer(out)
+            writer.writerow(SUMMARY_COLUMNS)
+            for index in range(batch.total):
+                row = _summary_row(rt, batch, index)
+                counts[row[2]] = counts.get(row[2], 0) + 1
+                writer.writerow(row)
+        digest = hashlib.sha256(summary.read_bytes()).hexdigest()
+        rt.storage.put_file(summary_object(batch_id), summary, content_type="text/csv")
+    finished = time.time()
+    final_state = "done" if batch.state == "running" else "cancelled"
+    body = {
+        "batch_id": batch_id,
+        "reference": batch.reference,
+        "account": batch.account,
+        "state": final_state,
+        "options": batch.options.to_json(),
+        "created_at": batch.created_at,
+        "finished_at": finished,
+        "total": batch.total,
+        "counts": counts,
+        "summary": {"object": summary_object(batch_id), "sha256": digest},
+        "jobs_prefix": "jobs/",
+        "product_version": product_version(),
+    }
+    encoded = json.dumps(body, indent=2).encode()
+    rt.storage.put_bytes(manifest_object(batch_id), encoded)  # the commit point
+    location = rt.storage.location(manifest_object(batch_id))
+    if not rt.redis.hsetnx(batch_key(batch_id), "finished_at", repr(finished)):
+        return False  # another copy finished it first
+    rt.redis.hset(
+        batch_key(batch_id),
+        mapping={"state": final_state, "manifest": location},
+    )
+    rt.redis.zrem(RUNNING_KEY, batch_id)
+    result = {"batch_id": batch_id, "state": final_state, "manifest": location, **counts}
+    rt.inbox.announce({"type": "batch", **{k: str(v) for k, v in result.items()}})
+    if batch.chain:
+        send_chain(batch.chain, result)
+    log.info("batch finished", extra={"batch_id": batch_id, "state": final_state})
+    return True
+
+
+def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
+    job = rt.jobs.find(job_id_for(batch.batch_id, index)) if index < batch.submitted else None
+    if job is None:
+        raw = rt.redis.lindex(items_key(batch.batch_id), index)
+        export_key, reference = json.loads(raw) if raw else ("", None)
+        return [export_key, reference or "", "cancelled", "batch cancelled", "", "", "", ""]
+    merged = json.loads(job.extra.get("merged_keys", "[]") or "[]")
+    return [
+        job.export_key,
+        job.reference or "",
+        job.state.value if job.state in (State.DONE, State.FAILED) else "cancelled",
+        job.error or "",
+        job.manifest or "",
+        ";".join(merged),
+        str(job.source_bytes or ""),
+        job.job_id,
+    ]
+
+
+def on_job_end(rt: Runtime, batch_id: str | None, dispatch: pipeline.Dispatch) -> None:
+    """After a batch job ended: if it was the batch's last, finalize the batch."""
+    if batch_id and exists(rt, batch_id) and complete(get(rt, batch_id)):
+        dispatch(FINALIZE_TASK, [batch_id])
