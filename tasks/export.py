@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 from celery import Task, shared_task
@@ -10,13 +12,36 @@ from celery.exceptions import Reject
 
 from worker import batches, pipeline
 from worker.batch_file import BatchItem
-from worker.celery import send_chain, send_task, send_task_later
+from worker.celery import send_chain, send_task
 from worker.errors import InputError
 from worker.jobs import ExportOptions
 from worker.runtime import get_runtime
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def requeue_when_redis_is_down(run: Callable[P, R]) -> Callable[P, R]:
+    """Put the message back if Redis (the job store) is unreachable.
+
+    A failed task is acknowledged (acks_late acknowledges failures), so without this a
+    caller's request that arrives while Redis restarts would be lost. Requeued, it runs again
+    once Redis answers; if Redis is still down, the message stays unacknowledged and the
+    broker redelivers it after the visibility timeout. Every task here is idempotent.
+    """
+
+    @functools.wraps(run)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return run(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise Reject(f"redis unavailable: {type(exc).__name__}", requeue=True) from None
+
+    return guarded
+
 
 @shared_task(name="apsis.export_profile", bind=True)
+@requeue_when_redis_is_down
 def export_profile(
     self: Task[Any, Any],
     export_key: str,
@@ -55,17 +80,12 @@ def export_profile(
     except InputError as exc:
         # A caller's bad input: nothing to retry; the error names no personal data.
         return {"job_id": job_id, "state": "rejected", "error": str(exc)}
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        # Redis unreachable before the job is recorded: a failed task is acknowledged
-        # (acks_late acks failures) and the caller's request would be lost. Requeue the
-        # message instead; if Redis is still down, it stays unacknowledged and the broker
-        # redelivers it after the visibility timeout.
-        raise Reject(f"redis unavailable: {type(exc).__name__}", requeue=True) from None
     _request(self, job_id)
     return {"job_id": job_id, "state": rt.jobs.get(job_id).state.value}
 
 
 @shared_task(name="apsis.request_export", bind=True)
+@requeue_when_redis_is_down
 def request_export(self: Task[Any, Any], job_id: str) -> None:
     """(Re-)send a queued job's export request to APSIS."""
     _request(self, job_id)
@@ -79,6 +99,7 @@ def _request(task: Task[Any, Any], job_id: str) -> None:
 
 
 @shared_task(name="apsis.fetch_export", bind=True)
+@requeue_when_redis_is_down
 def fetch_export(self: Task[Any, Any], job_id: str) -> None:
     """Download, split and store a ready job; then resume the caller's chain."""
     rt = get_runtime()
@@ -90,6 +111,7 @@ def fetch_export(self: Task[Any, Any], job_id: str) -> None:
 
 
 @shared_task(name="apsis.export_batch", bind=True)
+@requeue_when_redis_is_down
 def export_batch(
     self: Task[Any, Any],
     export_keys: list[Any],
@@ -130,19 +152,12 @@ def export_batch(
         )
     except InputError as exc:
         return {"batch_id": batch_id, "state": "rejected", "error": str(exc)}
-    send_task(batches.FEED_TASK, [batch_id])
+    # The feeder threads of the worker nodes pick the batch up from here.
     return {"batch_id": batch_id, "state": "running"}
 
 
-@shared_task(name="apsis.feed_batch")
-def feed_batch(batch_id: str) -> None:
-    """Send the batch's next requests at the allowed pace; hand over to a fresh feed task."""
-    again = batches.feed(get_runtime(), batch_id, send_task_later)
-    if again is not None:
-        send_task_later(batches.FEED_TASK, [batch_id], again)
-
-
 @shared_task(name="apsis.finalize_batch")
+@requeue_when_redis_is_down
 def finalize_batch(batch_id: str) -> None:
     """Write the batch's summary and manifest once its last job has ended."""
     batches.finalize(get_runtime(), batch_id, send_chain)

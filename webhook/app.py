@@ -49,10 +49,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings, redis=client, jobs=JobStore(client), inbox=Inbox(client)
     )
 
-    from webhook import callbacks, health
+    from webhook import callbacks, health, metrics, status
 
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(status.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook.app import resources
-from worker import callback_token
+from worker import callback_token, metrics
 from worker.jobs import FINAL, State
 
 bp = Blueprint("callbacks", __name__)
@@ -57,6 +57,7 @@ def receive(token: str) -> tuple[Response, int]:
         return _error(422, "invalid", "'message' must be a string")
     if not 100 <= code <= 599:
         return _error(422, "invalid", "'code' must be between 100 and 599")
+    g.callback_code = code  # for the metrics: a valid code, whatever the outcome
     if len(message) > MAX_MESSAGE_CHARS:
         return _error(422, "invalid", f"'message' is longer than {MAX_MESSAGE_CHARS} characters")
     if not message.isascii():
@@ -94,3 +95,14 @@ def receive(token: str) -> tuple[Response, int]:
     entry = res.inbox.append(job_id=claim.job_id, attempt=claim.attempt, code=code, message=message)
     log.info("callback recorded", extra={**ctx, "code": code})
     return jsonify(status="recorded", job_id=claim.job_id, entry=entry), 202
+
+
+@bp.after_request
+def count(response: Response) -> Response:
+    """Count every answer by APSIS code and outcome (the answer's status or error name)."""
+    body = response.get_json(silent=True) if response.is_json else None
+    outcome = "error"
+    if isinstance(body, dict):
+        outcome = str(body.get("status") or body.get("error") or "error")
+    metrics.callback_received(g.get("callback_code"), outcome)
+    return response

@@ -8,6 +8,7 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from webhook.app import create_app
+from worker import metrics
 from worker.config import Settings
 
 
@@ -25,17 +26,9 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return self._app
 
 
-def serve(
-    settings: Settings,
-    *,
-    host: str = "0.0.0.0",
-    port: int = 8080,
-    workers: int = 2,
-    threads: int = 4,
-) -> None:
-    """Run gunicorn in the foreground; the app is built once, before the workers fork."""
-    app = create_app(settings)
-    options = {
+def gunicorn_options(*, host: str, port: int, workers: int, threads: int) -> dict[str, Any]:
+    """The server settings (also used by bench/ to serve its bare endpoint the same way)."""
+    return {
         "bind": f"{host}:{port}",
         "workers": workers,
         "threads": threads,
@@ -47,4 +40,30 @@ def serve(
         "errorlog": "-",
         "loglevel": "warning",
     }
+
+
+def run_gunicorn(app: Flask, options: dict[str, Any]) -> None:
+    """Serve ``app`` with gunicorn in the foreground."""
     _Gunicorn(app, options).run()
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 8080,
+    workers: int = 2,
+    threads: int = 4,
+) -> None:
+    """Run gunicorn in the foreground; the app is built once, before the workers fork."""
+    # Before anything records a metric: the gunicorn workers share one metrics directory.
+    metrics.prepare_multiprocess("webhook")
+    app = create_app(settings)
+    options = gunicorn_options(host=host, port=port, workers=workers, threads=threads)
+    options["child_exit"] = _child_exit
+    run_gunicorn(app, options)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """gunicorn's hook in the master when a worker exits: drop its live metrics."""
+    metrics.process_exited(worker.pid)

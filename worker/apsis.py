@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 import redis
 import requests
 
+from worker import metrics
 from worker.bearer import BearerToken, TokenCache, jwt_times
 from worker.errors import (
     ApsisAuthError,
@@ -260,8 +261,11 @@ class ApsisClient:
         }
         fetched_at = time.time()
         try:
-            response = self._session.post(
-                self.base_url + TOKEN_PATH, json=body, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
+            response = metrics.timed_apsis_call(
+                "token",
+                lambda: self._session.post(
+                    self.base_url + TOKEN_PATH, json=body, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
+                ),
             )
         except requests.RequestException as exc:
             raise RetryableApsisError(f"APSIS token: {type(exc).__name__}") from None
@@ -327,15 +331,19 @@ class ApsisClient:
         }
 
         def send(token: str) -> requests.Response:
-            return self._session.post(
-                url,
-                json=body,
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                allow_redirects=False,
+            return metrics.timed_apsis_call(
+                "export",
+                lambda: self._session.post(
+                    url,
+                    json=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                    allow_redirects=False,
+                ),
             )
 
         if send_at is not None:
+            self.tokens.get()  # a token fetch must not make this request late
             time.sleep(max(0.0, send_at - time.monotonic()))
         try:
             response = self._authorized(send, "export request")
@@ -361,12 +369,15 @@ class ApsisClient:
         self._pace("download", self._limits.download)
 
         def send(token: str) -> requests.Response:
-            return self._session.get(
-                url,
-                headers={"Authorization": f"Bearer {token}", "Accept-Encoding": "gzip"},
-                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                stream=True,
-                allow_redirects=False,  # a redirect would carry the token elsewhere
+            return metrics.timed_apsis_call(
+                "download",
+                lambda: self._session.get(
+                    url,
+                    headers={"Authorization": f"Bearer {token}", "Accept-Encoding": "gzip"},
+                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                    stream=True,
+                    allow_redirects=False,  # a redirect would carry the token elsewhere
+                ),
             )
 
         started = time.monotonic()

@@ -1,9 +1,11 @@
 """Batches: thousands of exports fed to APSIS at the pace its quota allows, then summarised.
 
 A batch is a Redis hash plus the list of its items. Nothing is enqueued per item up front:
-one feed task at a time (a lease) creates each job and sends its request when the pool-wide
-limiter grants a slot, up to ``max_in_flight`` unfinished jobs, then hands over to a fresh
-feed task every few seconds. So a batch of 50,000 keeps the broker small and cancels at once.
+a feeder thread in every worker's main process (no pool slot, so fetches never delay it)
+takes a batch's lease, creates each job and sends its request when the pool-wide limiter
+grants a slot, up to ``max_in_flight`` unfinished jobs. One feeder per batch at a time; if its
+node dies the lease expires and another node's feeder carries on. So a batch of 50,000 keeps
+the broker small, runs at the quota from a pool of any size, and cancels at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import pipeline
+from worker import metrics, pipeline
 from worker.batch_file import BatchItem
 from worker.errors import InputError, JobNotFound
 from worker.jobs import ExportOptions, State
@@ -31,9 +34,10 @@ from worker.runtime import Runtime
 
 log = logging.getLogger("apsis.batch")
 
-#: Seconds one feed task works before handing over to the next (well under the broker's
-#: visibility timeout, and short enough that no worker slot is held for long).
+#: Seconds a feeder works on one batch before looking at the others (fairness).
 FEED_SLICE = 10.0
+#: Seconds an idle feeder waits before looking for running batches again.
+FEED_IDLE = 0.5
 #: Seconds the limiter may park the feeder for one slot before it reschedules itself.
 FEED_MAX_WAIT = 1.0
 #: Threads sending a feeder's requests (so one slow answer does not delay the next send).
@@ -44,7 +48,6 @@ FEED_FULL_PAUSE = 2.0
 DEFAULT_MAX_IN_FLIGHT = 10_000
 #: Batch ids: the job ids ``<batch_id>-<n>`` must stay within 64 characters.
 BATCH_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_]{1,48}\Z")
-FEED_TASK = "apsis.feed_batch"
 FINALIZE_TASK = "apsis.finalize_batch"
 RUNNING_KEY = "apsis:batches:running"
 SUMMARY_COLUMNS = [
@@ -67,6 +70,16 @@ def batch_key(batch_id: str) -> str:
 
 def items_key(batch_id: str) -> str:
     return f"apsis:batch:{batch_id}:items"
+
+
+def index_key(batch_id: str) -> str:
+    """Hash: export key -> the item's index in the batch."""
+    return f"apsis:batch:{batch_id}:index"
+
+
+def linked_key(batch_id: str) -> str:
+    """Hash: item index -> the finished job that exported that key as a merged profile."""
+    return f"apsis:batch:{batch_id}:linked"
 
 
 def job_id_for(batch_id: str, index: int) -> str:
@@ -97,10 +110,12 @@ class Batch:
     manifest: str | None
     finished_at: float | None
     chain: dict[str, Any] | None
+    #: Items not exported on their own: a finished job of the batch held them as merged.
+    linked: int = 0
 
     @property
     def ended(self) -> int:
-        return self.done + self.failed
+        return self.done + self.failed + self.linked
 
     @property
     def in_flight(self) -> int:
@@ -135,6 +150,7 @@ def get(rt: Runtime, batch_id: str) -> Batch:
         manifest=data.get("manifest") or None,
         finished_at=float(data["finished_at"]) if data.get("finished_at") else None,
         chain=json.loads(data["chain"]) if data.get("chain") else None,
+        linked=int(data.get("linked", 0)),
     )
 
 
@@ -166,10 +182,17 @@ def create(
     if not rt.redis.hsetnx(key, "state", "creating"):
         return False
     pipe = rt.redis.pipeline(transaction=True)
-    pipe.delete(items_key(batch_id))
+    pipe.delete(items_key(batch_id), index_key(batch_id), linked_key(batch_id))
     for start in range(0, len(items), 1000):
         chunk = items[start : start + 1000]
         pipe.rpush(items_key(batch_id), *[json.dumps([i.export_key, i.reference]) for i in chunk])
+    # export key -> first index: a merged key found in a job's file is looked up in O(1).
+    positions: dict[str, int] = {}
+    for n, item in enumerate(items):
+        positions.setdefault(item.export_key, n)
+    keys = list(positions.items())
+    for start in range(0, len(keys), 1000):
+        pipe.hset(index_key(batch_id), mapping=dict(keys[start : start + 1000]))
     fields: dict[str, str] = {
         "batch_id": batch_id,
         "total": str(len(items)),
@@ -192,10 +215,10 @@ def create(
 
 
 def feed(rt: Runtime, batch_id: str, dispatch_later: DispatchLater) -> float | None:
-    """Create and request the batch's next jobs as fast as the limiter allows.
+    """Create and request the batch's next jobs as fast as the limiter allows, for a slice.
 
-    Returns the seconds after which the feed should run again, or None when every item has
-    been submitted (or the batch was cancelled, or another feeder holds the lease).
+    Returns the seconds after which this batch wants feeding again, or None when every item
+    has been submitted (or the batch was cancelled, or another feeder holds the lease).
     """
     try:
         with JobLease(rt.redis, f"batch-{batch_id}"):
@@ -227,7 +250,11 @@ def _feed_slice(
 ) -> float | None:
     started = time.monotonic()
     batch = get(rt, batch_id)
-    limit = rt.apsis_for(batch.account).limits.export
+    client = rt.apsis_for(batch.account)
+    limit = client.limits.export
+    # Have a token before the first slot: fetching it inside the first sends would make
+    # them late, bunching them with the requests one window later (a 429 from APSIS).
+    client.tokens.get()
     while time.monotonic() - started < FEED_SLICE:
         batch = get(rt, batch_id)
         rt.redis.zadd(RUNNING_KEY, {batch_id: time.time()})
@@ -235,6 +262,11 @@ def _feed_slice(
             return None  # stays in RUNNING_KEY until finalized: the watchdog's safety net
         if batch.in_flight >= batch.max_in_flight:
             return FEED_FULL_PAUSE
+        # Held as a merged profile by a finished job of the batch: linked, no slot spent.
+        if skip_if_linked(rt, batch_id, batch.submitted):
+            if complete(get(rt, batch_id)):
+                dispatch_later(FINALIZE_TASK, [batch_id], 0.0)
+            continue
         slot = rt.limiter.acquire(batch.account, "export", limit, max_wait=FEED_MAX_WAIT)
         if not slot.granted:
             return slot.wait
@@ -327,6 +359,7 @@ def finalize(
         "product_version": product_version(),
     }
     encoded = json.dumps(body, indent=2).encode()
+    rt.redis.hset(batch_key(batch_id), "manifest_sha256", hashlib.sha256(encoded).hexdigest())
     rt.storage.put_bytes(manifest_object(batch_id), encoded)  # the commit point
     location = rt.storage.location(manifest_object(batch_id))
     if not rt.redis.hsetnx(batch_key(batch_id), "finished_at", repr(finished)):
@@ -336,16 +369,35 @@ def finalize(
         mapping={"state": final_state, "manifest": location},
     )
     rt.redis.zrem(RUNNING_KEY, batch_id)
+    rt.redis.zadd("apsis:batches:finished", {batch_id: finished})  # retention's index
     result = {"batch_id": batch_id, "state": final_state, "manifest": location, **counts}
     rt.inbox.announce({"type": "batch", **{k: str(v) for k, v in result.items()}})
     if batch.chain:
         send_chain(batch.chain, result)
+    metrics.batch_ended(final_state)
     log.info("batch finished", extra={"batch_id": batch_id, "state": final_state})
     return True
 
 
 def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
     job = rt.jobs.find(job_id_for(batch.batch_id, index)) if index < batch.submitted else None
+    covering = rt.redis.hget(linked_key(batch.batch_id), str(index))
+    if job is None and covering is not None:
+        raw = rt.redis.lindex(items_key(batch.batch_id), index)
+        export_key, reference = json.loads(raw) if raw else ("", None)
+        by = rt.jobs.find(covering.decode())  # type: ignore[union-attr]
+        reason = f"exported as a merged profile of job {covering.decode()}"  # type: ignore[union-attr]
+        manifest = by.manifest if by else ""
+        return [
+            export_key,
+            reference or "",
+            "linked",
+            reason,
+            manifest or "",
+            "",
+            "",
+            by.job_id if by else "",
+        ]
     if job is None:
         raw = rt.redis.lindex(items_key(batch.batch_id), index)
         export_key, reference = json.loads(raw) if raw else ("", None)
@@ -367,3 +419,110 @@ def on_job_end(rt: Runtime, batch_id: str | None, dispatch: pipeline.Dispatch) -
     """After a batch job ended: if it was the batch's last, finalize the batch."""
     if batch_id and exists(rt, batch_id) and complete(get(rt, batch_id)):
         dispatch(FINALIZE_TASK, [batch_id])
+
+
+class BatchFeeder:
+    """The feeder thread of one worker node: feeds every running batch whose lease it gets."""
+
+    def __init__(self, runtime: Callable[[], Runtime], dispatch_later: DispatchLater) -> None:
+        self._runtime = runtime
+        self._dispatch_later = dispatch_later
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._not_before: dict[str, float] = {}
+
+    def run_once(self) -> bool:
+        """Feed each running batch that is due; True if any was fed."""
+        rt = self._runtime()
+        fed = False
+        running: list[bytes] = rt.redis.zrange(RUNNING_KEY, 0, -1)  # type: ignore[assignment]
+        for raw in running:
+            batch_id = raw.decode()
+            if self._stop.is_set() or self._not_before.get(batch_id, 0.0) > time.monotonic():
+                continue
+            again = feed(rt, batch_id, self._dispatch_later)
+            if again is None:
+                self._not_before[batch_id] = time.monotonic() + FEED_IDLE
+            else:
+                fed = True
+                self._not_before[batch_id] = time.monotonic() + again
+        return fed
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.run_once():
+                    self._stop.wait(FEED_IDLE)
+            except Exception:
+                log.exception("batch feeder error")
+                self._stop.wait(1.0)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="apsis-feeder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+# -- merged profiles that are items of the same batch ------------------------------------
+
+
+def _own_index(job_id: str) -> int | None:
+    tail = job_id.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else None
+
+
+def merged_links(
+    rt: Runtime, batch_id: str | None, job_id: str, merged: list[str]
+) -> dict[str, dict[str, Any]]:
+    """For each merged key that is also an item of the job's batch: ``batch_item`` (its
+    index) and, if that item's job exists, ``linked_job``. Empty outside batches."""
+    if not batch_id or not merged:
+        return {}
+    found = rt.redis.hmget(index_key(batch_id), merged)
+    own = _own_index(job_id)
+    links: dict[str, dict[str, Any]] = {}
+    for key, raw in zip(merged, found, strict=True):
+        if raw is None or int(raw) == own:
+            continue
+        index = int(raw)
+        entry: dict[str, Any] = {"batch_item": index}
+        if rt.jobs.exists(job_id_for(batch_id, index)):
+            entry["linked_job"] = job_id_for(batch_id, index)
+        links[key] = entry
+    return links
+
+
+def mark_linked(
+    rt: Runtime, batch_id: str | None, job_id: str, links: dict[str, dict[str, Any]]
+) -> None:
+    """After ``job_id`` is done: the items it holds as merged profiles need no job of their
+    own (the first finished job to hold an item keeps it)."""
+    if not batch_id:
+        return
+    for entry in links.values():
+        rt.redis.hsetnx(linked_key(batch_id), str(entry["batch_item"]), job_id)
+
+
+def skip_if_linked(rt: Runtime, batch_id: str, index: int) -> bool:
+    """Count item ``index`` as submitted and linked if a finished job already holds it."""
+    if rt.redis.hget(linked_key(batch_id), str(index)) is None:
+        return False
+    if rt.jobs.exists(job_id_for(batch_id, index)):
+        return False
+    pipe = rt.redis.pipeline(transaction=True)
+    pipe.hincrby(batch_key(batch_id), "submitted", 1)
+    pipe.hincrby(batch_key(batch_id), "linked", 1)
+    pipe.execute()
+    log.info("batch item linked to a merged profile", extra={"batch_id": batch_id})
+    return True
+
+
+def is_linked(rt: Runtime, batch_id: str, index: int) -> bool:
+    """Item ``index`` was counted as linked (no job of its own)."""
+    return rt.redis.hget(linked_key(batch_id), str(index)) is not None and not rt.jobs.exists(
+        job_id_for(batch_id, index)
+    )

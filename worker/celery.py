@@ -14,6 +14,14 @@ from worker.logs import configure_logging
 
 #: Task modules, named as strings: worker/ never imports tasks/.
 TASK_MODULES = ["tasks.export"]
+#: More task modules to load, comma-separated (e.g. ``bench.tasks`` for the benchmarks).
+EXTRA_INCLUDE_ENV = "CELERY_EXTRA_INCLUDE"
+
+
+def task_modules() -> list[str]:
+    """TASK_MODULES plus any named in CELERY_EXTRA_INCLUDE."""
+    extra = os.environ.get(EXTRA_INCLUDE_ENV, "")
+    return TASK_MODULES + [name.strip() for name in extra.split(",") if name.strip()]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -37,6 +45,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {"apsis.*": {"queue": queue}},
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
+        # Remote control (celery inspect/control) rides on auto-delete pidbox queues whose
+        # close after a lost Redis connection crashes the worker in kombu's Redis transport
+        # ("'NoneType' object has no attribute 'hostname'", kombu#582): seen in our fault
+        # suite on a Redis restart. Off by default; the job store, /metrics and
+        # `apsis-export health` tell what a node is doing. CELERY_REMOTE_CONTROL=1 turns it on.
+        "worker_enable_remote_control": os.environ.get("CELERY_REMOTE_CONTROL", "0") == "1",
         "task_track_started": False,
     }
 
@@ -50,7 +64,7 @@ def _settings_or_exit() -> Settings:
 
 
 SETTINGS = _settings_or_exit()
-app = Celery("apsis-export", include=TASK_MODULES)
+app = Celery("apsis-export", include=task_modules())
 app.conf.update(celery_config(SETTINGS))
 
 
@@ -93,6 +107,7 @@ class InboxStep(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.consumer: Any = None
+        self.feeder: Any = None
 
     def start(self, parent: Any) -> None:
         if os.environ.get("APSIS_INBOX_CONSUMER", "1") == "0":
@@ -107,10 +122,59 @@ class InboxStep(bootsteps.StartStopStep):
             on_tick=lambda rt: _sweep(rt, try_sweep),
         )
         self.consumer.start()
+        from worker.batches import BatchFeeder
+
+        self.feeder = BatchFeeder(get_runtime, send_task_later)
+        self.feeder.start()
 
     def stop(self, parent: Any) -> None:
         if self.consumer is not None:
             self.consumer.stop()
+        if self.feeder is not None:
+            self.feeder.stop()
 
 
 app.steps["worker"].add(InboxStep)
+
+
+@signals.worker_init.connect
+def _metrics_multiprocess(**_: Any) -> None:
+    """Before the pool forks: every process of this node records into one metrics dir."""
+    from worker import metrics
+
+    metrics.prepare_multiprocess("worker")
+
+
+@signals.worker_process_shutdown.connect
+def _metrics_process_dead(pid: int | None = None, **_: Any) -> None:
+    from worker import metrics
+
+    metrics.process_exited(pid or os.getpid())
+
+
+class MetricsStep(bootsteps.StartStopStep):
+    """Serves this node's /metrics on WORKER_METRICS_PORT from the main process (0: off)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.server: Any = None
+
+    def start(self, parent: Any) -> None:
+        if SETTINGS.WORKER_METRICS_PORT == 0:
+            return
+        from worker.metrics import MetricsServer
+        from worker.runtime import get_runtime
+
+        self.server = MetricsServer(
+            SETTINGS.WORKER_METRICS_PORT, lambda: get_runtime().redis, host="0.0.0.0"
+        )
+        self.server.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+app.steps["worker"].add(MetricsStep)

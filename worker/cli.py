@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,9 +18,11 @@ import redis
 from worker import batches, pipeline
 from worker.batch_file import read_batch_file
 from worker.config import Settings, load_settings
-from worker.errors import BatchFileError, ExportError, InputError, JobNotFound
+from worker.errors import BatchFileError, ExportError, InputError, JobNotFound, StorageError
 from worker.jobs import FINAL, Job, State, new_job_id
+from worker.logs import configure_logging
 from worker.runtime import Runtime, build_runtime
+from worker.storage import Storage
 
 #: Seconds between two looks at a job while waiting for it.
 WAIT_POLL = 0.5
@@ -258,6 +261,50 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.verify import verify
+
+    rt = build_runtime(settings)
+    target = pipeline.validate_job_id(args.job_id)
+    if not batches.exists(rt, target) and not rt.jobs.exists(target):
+        from worker.retention import deletion_object
+
+        if not rt.storage.exists(deletion_object(target)):
+            raise JobNotFound(f"no job or batch {target}")
+    result = verify(rt, target)
+    for problem in result.problems:
+        print(problem)
+    verdict = "OK" if result.ok else f"{len(result.problems)} problem(s)"
+    print(f"{target}: {verdict}: {result.jobs} job(s), {result.objects} object(s) checked")
+    return 0 if result.ok else 1
+
+
+def _check_storage_in_a_child(settings: Settings) -> None:
+    """storage.check() in a forked child, so this process never starts obstore's runtime.
+
+    obstore runs a Rust async runtime whose threads do not survive fork(): touching storage
+    here, before Celery forks its pool, would leave every pool process hanging on its first
+    upload.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_end)
+        code = 0
+        try:
+            Storage.from_settings(settings).check()
+        except ExportError as exc:
+            os.write(write_end, str(exc).encode()[:2000])
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise StorageError(message or "storage check failed")
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     settings.require(
         "APSIS_CLIENT_ID", "APSIS_CLIENT_SECRET", "CALLBACK_BASE_URL", "CALLBACK_SECRET"
@@ -266,10 +313,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # loop in the logs and unreachable storage surfaces only at the first finished export.
     rt = build_runtime(settings)
     rt.redis.ping()
-    rt.storage.check()
+    _check_storage_in_a_child(settings)
     from worker.celery import app
 
-    argv = ["worker", f"--loglevel={settings.LOG_LEVEL}", f"--concurrency={args.concurrency}"]
+    # Our JSON lines from the first line on (Celery's start-up warnings included); no banner.
+    configure_logging(settings.LOG_LEVEL)
+    argv = ["--quiet", "worker", f"--loglevel={settings.LOG_LEVEL}"]
+    argv += [f"--concurrency={args.concurrency}", "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
@@ -286,6 +336,14 @@ def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
     server = importlib.import_module("sandbox.server")
     server.serve(args.host, args.port, None)
     return 0
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.health import check_node
+
+    health = check_node(build_runtime(settings), node=args.node)
+    print(health.line)
+    return 0 if health.ok else 1
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -339,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.set_defaults(func=cmd_retry)
 
+    p = sub.add_parser("verify", help="re-read a job's or batch's objects and check digests")
+    p.add_argument("job_id", help="a job id or a batch id")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("worker", help="run a Celery worker (tasks and the callback inbox)")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--hostname", help="Celery node name (default: celery@<host>)")
@@ -354,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)
     p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("health", help="probe this worker node: Redis, storage, inbox consumer")
+    p.add_argument("--node", help="host name whose inbox consumer must be alive (default: this)")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("demo", help="run a real export end to end on embedded defaults")
     p.add_argument("--keep", action="store_true", help="leave the demo's logs in place")

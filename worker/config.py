@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     APSIS_DOWNLOAD_RATE: float = Field(60.0, gt=0)
     #: Token requests per minute allowed for the account (documented: 10).
     APSIS_TOKEN_RATE: float = Field(10.0, gt=0)
+    #: Fraction of every APSIS rate the pool leaves unused, against arrival jitter (0-0.5).
+    APSIS_RATE_MARGIN: float = Field(0.04, ge=0, le=0.5)
     #: More accounts as JSON: {"apac": {"base_url": "https://api-apac.apsis.one",
     #: "client_id": "...", "client_secret": "...", "export_rate": 1, ...}, ...}.
     APSIS_ACCOUNTS: dict[str, AccountSettings] = Field(default_factory=dict)
@@ -88,6 +90,18 @@ class Settings(BaseSettings):
     #: Where results go: file:///path, s3://bucket/prefix, gs://..., az://..., memory:///
     STORAGE_URL: str = "file://./exports"
 
+    #: Client-side envelope encryption of every stored object: base64 of 32 random bytes,
+    #: or a key ring "CURRENT,PREVIOUS" (new objects use the first; reads try each by id).
+    STORAGE_ENCRYPTION_KEY: str | None = None
+    #: S3 server-side encryption: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS).
+    STORAGE_SSE: str | None = None
+    #: KMS key id or ARN for STORAGE_SSE=aws:kms (unset: the bucket's default KMS key).
+    STORAGE_SSE_KMS_KEY_ID: str | None = None
+    #: Days after a job (or batch) ended before its objects and records are deleted by the
+    #: sweep, leaving a deletion record; 0 keeps them forever. Default 30: GDPR's storage
+    #: limitation, and a month covers handing the export over (Art. 12(3)).
+    RETENTION_DAYS: float = Field(30.0, ge=0)
+
     # Celery
     #: Seconds before the Redis broker redelivers an unacknowledged task.
     CELERY_VISIBILITY_TIMEOUT: int = Field(3600, gt=0)
@@ -102,6 +116,12 @@ class Settings(BaseSettings):
 
     # Logging
     LOG_LEVEL: str = "INFO"
+
+    # Operating: metrics and the status page
+    #: Port of each worker node's /metrics (served from its main process); 0 turns it off.
+    WORKER_METRICS_PORT: int = Field(9808, ge=0, le=65535)
+    #: Bearer token of the webhook's /status page; unset turns the page off (404).
+    STATUS_TOKEN: str | None = None
 
     @field_validator("APSIS_BASE_URL", "CALLBACK_BASE_URL")
     @classmethod
@@ -136,6 +156,25 @@ class Settings(BaseSettings):
     def _secret_length(cls, value: str | None) -> str | None:
         if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes long")
+        return value
+
+    @field_validator("STORAGE_SSE")
+    @classmethod
+    def _sse(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if value not in ("AES256", "aws:kms"):
+            raise ValueError('must be "AES256" or "aws:kms"')
+        return value
+
+    @field_validator("STORAGE_ENCRYPTION_KEY")
+    @classmethod
+    def _encryption_key(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        from worker.envelope import parse_key_ring
+
+        parse_key_ring(value)  # ValueError without echoing the key
         return value
 
     @field_validator("LOG_LEVEL")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import redis
 
+from worker import metrics
 from worker.inbox import Callback
 from worker.pipeline import Dispatch, apply_callback
 from worker.runtime import Runtime
@@ -30,6 +31,11 @@ BATCH = 100
 RECLAIM_EVERY = 2.0
 #: Seconds to wait after Redis errors before reading again.
 ERROR_PAUSE = 1.0
+#: Seconds between two heartbeats, and how long one lives (``apsis-export health`` reads it).
+HEARTBEAT_EVERY = 5.0
+HEARTBEAT_TTL = 30
+#: Heartbeat keys, one per consumer: ``apsis:heartbeat:<consumer name>``.
+HEARTBEAT_PREFIX = "apsis:heartbeat:"
 
 
 def consumer_name() -> str:
@@ -56,7 +62,12 @@ class InboxConsumer:
         self.processed = 0
 
     def handle(self, rt: Runtime, callback: Callback) -> str:
-        outcome = apply_callback(rt, callback, self._dispatch)
+        try:
+            outcome = apply_callback(rt, callback, self._dispatch)
+        except Exception:
+            metrics.callback_applied(callback.code, "error")
+            raise
+        metrics.callback_applied(callback.code, outcome)
         rt.inbox.ack(callback.entry_id)
         self.processed += 1
         return outcome
@@ -77,12 +88,26 @@ class InboxConsumer:
                 log.exception("callback could not be applied", extra={"job_id": callback.job_id})
         return len(batch)
 
+    def heartbeat(self, rt: Runtime) -> None:
+        """Say this consumer is alive: its own key with a TTL, and its score in the index."""
+        now = time.time()
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.set(HEARTBEAT_PREFIX + self.name, repr(now), ex=HEARTBEAT_TTL)
+        pipe.zadd(metrics.HEARTBEATS_KEY, {self.name: now})
+        # Consumers gone for an hour leave the index (its size stays the pool's size).
+        pipe.zremrangebyscore(metrics.HEARTBEATS_KEY, "-inf", now - 3600)
+        pipe.execute()
+
     def run(self) -> None:
         last_reclaim = 0.0
+        last_beat = 0.0
         while not self._stop.is_set():
             try:
                 rt = self._runtime()
                 now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_EVERY:
+                    self.heartbeat(rt)
+                    last_beat = now
                 reclaim = now - last_reclaim >= RECLAIM_EVERY
                 if reclaim:
                     last_reclaim = now

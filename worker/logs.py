@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from typing import Any
 
 #: Fields copied from a record's ``extra`` into the log line, when present.
@@ -55,6 +56,10 @@ class JsonFormatter(logging.Formatter):
                 line[field] = value
         if record.exc_info and record.exc_info[0] is not None:
             line["error_type"] = record.exc_info[0].__name__
+            # Where it happened, without the exception's message or any values (those can
+            # carry personal data); enough for an engineer to find the bug.
+            frames = traceback.extract_tb(record.exc_info[2])
+            line["stack"] = [f"{f.filename}:{f.lineno} in {f.name}" for f in frames[-12:]]
         return json.dumps(line, default=str)
 
 
@@ -76,6 +81,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
     """Send this process's logs to stderr: JSON lines unless stderr is a terminal."""
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
+    logging.captureWarnings(True)  # library warnings become log lines too
     # The real stderr: in a celery worker's main process sys.stderr is celery's LoggingProxy,
     # which feeds records back into logging, where they are dropped (the inbox consumer's
     # and the watchdog's logs were lost).

@@ -37,6 +37,14 @@ def manifest_object(job_id: str) -> str:
     return f"{job_prefix(job_id)}/manifest.json"
 
 
+def report_html_object(job_id: str) -> str:
+    return f"{job_prefix(job_id)}/report.html"
+
+
+def report_json_object(job_id: str) -> str:
+    return f"{job_prefix(job_id)}/report.json"
+
+
 def build_manifest(
     job: Job,
     *,
@@ -45,17 +53,17 @@ def build_manifest(
     source_bytes: int,
     split: SplitResult,
     finished_at: float,
+    reports: dict[str, dict[str, Any]] | None = None,
+    links: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a finished job: every export key found, each with its object."""
+    """The manifest of a finished job: every export key found, each with its object.
+
+    ``reports`` lists the report objects (object, sha256, bytes) by kind; ``links`` adds
+    fields to a merged profile's entry (``batch_item``, ``linked_job``) by export key.
+    """
     merged_found = [p for p in split.profiles if p.role == "merged"]
-    warnings: list[str] = []
-    if not split.requested_found:
-        warnings.append("the requested export key is not in the file APSIS returned")
-    if merged_found and not job.options.include_merged_profiles:
-        warnings.append(
-            "the file names merged profiles but the export was requested without "
-            "include_merged_profiles: the answer may be incomplete"
-        )
+    warnings = manifest_warnings(job, split)
+    links = links or {}
     return {
         "manifest_version": MANIFEST_VERSION,
         "product_version": product_version(),
@@ -96,13 +104,28 @@ def build_manifest(
                     }
                     for name, c in p.sections.items()
                 },
+                **links.get(p.export_key, {}),
             }
             for p in split.profiles
         ],
+        "reports": reports or {},
         "merged_keys_found": [p.export_key for p in merged_found],
         "type_definitions_joined": split.has_definitions,
         "warnings": warnings,
     }
+
+
+def manifest_warnings(job: Job, split: SplitResult) -> list[str]:
+    """What a reader of the export must know about its completeness."""
+    warnings: list[str] = []
+    if not split.requested_found:
+        warnings.append("the requested export key is not in the file APSIS returned")
+    if any(p.role == "merged" for p in split.profiles) and not job.options.include_merged_profiles:
+        warnings.append(
+            "the file names merged profiles but the export was requested without "
+            "include_merged_profiles: the answer may be incomplete"
+        )
+    return warnings
 
 
 def build_failure_manifest(

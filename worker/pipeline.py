@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import callback_token, manifest
+from worker import callback_token, manifest, metrics, report
 from worker.errors import (
     ApsisAuthError,
     CorruptExport,
@@ -31,7 +31,7 @@ from worker.errors import (
     RetryableApsisError,
     StorageError,
 )
-from worker.export_file import split_export
+from worker.export_file import SplitResult, split_export
 from worker.inbox import Callback
 from worker.jobs import ExportOptions, Job, State, new_job_id
 from worker.lease import JobLease, LeaseBusy
@@ -149,7 +149,7 @@ def request(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> None:
     if job.batch_id and rt.redis.hget(f"apsis:batch:{job.batch_id}", "state") == b"cancelled":
         fail(rt, job_id, "batch cancelled before the export was requested")
         return
-    ctx = {"job_id": job_id, "attempt": job.attempt}
+    ctx = {"job_id": job_id, "attempt": job.attempt, "batch_id": job.batch_id}
     try:
         rt.apsis_for(job.account).request_export(
             job.export_key,
@@ -194,6 +194,7 @@ def _retry_or_fail(rt: Runtime, job: Job, reason: str, *, retry_after: float | N
         "will retry",
         extra={"job_id": job.job_id, "reason": reason, "retry_in": round(delay, 2)},
     )
+    metrics.retry_scheduled()
     raise RetryLater(delay, reason)
 
 
@@ -213,6 +214,7 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
     """
     job = rt.jobs.find(callback.job_id)
     ctx = {"job_id": callback.job_id, "code": callback.code, "attempt": callback.attempt}
+    ctx["batch_id"] = job.batch_id if job is not None else None
     if job is None:
         log.info("callback for an unknown job ignored", extra=ctx)
         return "unknown_job"
@@ -243,7 +245,12 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
             attempt=job.attempt,
             allowed_from=(State.QUEUED, State.REQUESTED, State.VERIFIED),
             note="APSIS reported the export ready",
-            fields={"download_url": callback.message, "ready_entry": callback.entry_id},
+            # ready_received_at: when the webhook recorded the callback (bench/resume_latency).
+            fields={
+                "download_url": callback.message,
+                "ready_entry": callback.entry_id,
+                "ready_received_at": repr(callback.received_at),
+            },
         )
         if applied or (state == State.READY and job.ready_entry == callback.entry_id):
             dispatch(FETCH_TASK, [job.job_id])
@@ -290,6 +297,7 @@ def rerequest(
         fields={"download_url": "", "ready_entry": ""},
     )
     if applied:
+        metrics.rerequested()
         log.warning(
             "re-requesting the export",
             extra={"job_id": job.job_id, "reason": logged_reason or reason},
@@ -345,13 +353,23 @@ def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | No
     Every object path derives from the job id, so a re-run rewrites the same objects. A
     lease keeps a redelivered copy of this task from downloading the same file at once.
     """
+    started_at = time.time()
     job = rt.jobs.get(job_id)
     if job.state == State.DONE:
         return _result(job)
     if job.state != State.READY or not job.download_url:
         return None
+    received_at = job.extra.get("ready_received_at")
+    if received_at and not job.extra.get("fetch_started_at"):
+        metrics.resume_started(float(received_at), started_at)  # the first fetch only
+    # When the fetch began, beside ready_received_at: callback-to-fetch latency (bench/).
+    rt.jobs.update(job_id, {"fetch_started_at": repr(started_at)})
     try:
         with JobLease(rt.redis, job_id), tempfile.TemporaryDirectory(prefix="apsis-") as tmp:
+            # Read again under the lease: another copy may have finished it meanwhile.
+            job = rt.jobs.get(job_id)
+            if job.state != State.READY or not job.download_url:
+                return _result(job) if job.state == State.DONE else None
             return _fetch_and_store(rt, job, Path(tmp), dispatch)
     except LeaseBusy as busy:
         raise RetryLater(busy.retry_after + 1, str(busy)) from None
@@ -359,7 +377,7 @@ def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | No
 
 def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Result | None:
     job_id = job.job_id
-    ctx = {"job_id": job_id, "attempt": job.attempt}
+    ctx = {"job_id": job_id, "attempt": job.attempt, "batch_id": job.batch_id}
     s = rt.settings
     source = tmp / "export.json"
     try:
@@ -393,6 +411,9 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
         rt.storage.put_file(manifest.export_object(job_id), source)
         for profile in split.profiles:
             rt.storage.put_file(manifest.profile_object(job_id, profile.index), profile.path)
+        # The readable report, streamed from the profile documents; listed in the manifest.
+        reports = report.store_report(rt.storage, job, split, tmp / "report")
+        links = _merged_links(rt, job, split)
         finished = time.time()
         done = {"state": State.DONE.value, "at": round(finished, 3), "note": "stored"}
         history = [*rt.jobs.history(job_id), done]
@@ -404,6 +425,8 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
                 source_bytes=got.bytes,
                 split=split,
                 finished_at=finished,
+                reports=reports,
+                links=links,
             )
         )
         rt.storage.put_bytes(manifest.manifest_object(job_id), body)  # the commit point
@@ -425,12 +448,27 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
             "merged_keys": [p.export_key for p in split.profiles if p.role == "merged"],
         },
     )
+    if links:
+        from worker import batches  # batches builds on this module
+
+        batches.mark_linked(rt, job.batch_id, job_id, links)
+    metrics.bytes_stored(got.bytes)
     _after_end(rt, job.batch_id, dispatch)
     log.info(
         "export stored",
         extra={**ctx, "bytes": got.bytes, "profiles": len(split.profiles), "state": "done"},
     )
     return _result(rt.jobs.get(job_id))
+
+
+def _merged_links(rt: Runtime, job: Job, split: SplitResult) -> dict[str, dict[str, Any]]:
+    """Merged keys that are items of the job's batch: linked, so not exported twice."""
+    if not job.batch_id:
+        return {}
+    from worker import batches  # batches builds on this module
+
+    merged = [p.export_key for p in split.profiles if p.role == "merged"]
+    return batches.merged_links(rt, job.batch_id, job.job_id, merged)
 
 
 def _bad_download(rt: Runtime, job: Job, reason: str, *, gone: bool, dispatch: Dispatch) -> None:

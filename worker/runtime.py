@@ -16,7 +16,7 @@ from worker.config import AccountSettings, Settings, load_settings
 from worker.inbox import Inbox
 from worker.jobs import JobStore
 from worker.logs import key_ref
-from worker.ratelimit import Limit, RateLimiter
+from worker.ratelimit import DEFAULT_MARGIN, Limit, RateLimiter
 from worker.storage import Storage
 
 #: Seconds a Redis command may take before the call fails (and the task retries).
@@ -64,7 +64,7 @@ class Runtime:
                 account=name,
                 redis_client=self.redis,
                 limiter=self.limiter,
-                limits=limits_from(config),
+                limits=limits_from(config, self.settings.APSIS_RATE_MARGIN),
             )
         return self._clients[name]
 
@@ -73,12 +73,12 @@ class Runtime:
         return key_ref(export_key, secret)
 
 
-def limits_from(account: AccountSettings) -> Limits:
+def limits_from(account: AccountSettings, margin: float = DEFAULT_MARGIN) -> Limits:
     """Export requests per second; downloads and token requests per minute."""
     return Limits(
-        export=Limit(account.export_rate, 1.0),
-        download=Limit(account.download_rate, 60.0),
-        token=Limit(account.token_rate, 60.0),
+        export=Limit(account.export_rate, 1.0, margin=margin),
+        download=Limit(account.download_rate, 60.0, margin=margin),
+        token=Limit(account.token_rate, 60.0, margin=margin),
     )
 
 
@@ -91,7 +91,7 @@ def build_runtime(settings: Settings | None = None) -> Runtime:
         jobs=JobStore(client),
         inbox=Inbox(client),
         limiter=RateLimiter(client),
-        storage=Storage(settings.STORAGE_URL),
+        storage=Storage.from_settings(settings),
     )
 
 

@@ -70,6 +70,8 @@ class LocalStack:
         self.sandbox: Any = None
         self.webhook: subprocess.Popen[bytes] | None = None
         self.worker_processes: list[subprocess.Popen[bytes]] = []
+        #: Each worker's /metrics port (WORKER_METRICS_PORT), in worker_processes' order.
+        self.worker_metrics_ports: list[int] = []
         self.env: dict[str, str] = {}
         self.apsis_url = ""
         self.webhook_url = ""
@@ -124,17 +126,25 @@ class LocalStack:
             self.stop()
             raise
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
-        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log, start_new_session=True)
+        return subprocess.Popen(
+            cmd, env={**self.env, **(env or {})}, stdout=log, stderr=log, start_new_session=True
+        )
 
     def add_worker(self, *, concurrency: int | None = None) -> subprocess.Popen[bytes]:
         n = len(self.worker_processes) + 1
-        cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker"]
-        cmd += ["--concurrency", str(concurrency or self._concurrency), "--loglevel", "INFO"]
-        cmd += ["--hostname", f"w{n}-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
-        process = self._spawn(f"worker-{n}", cmd)
+        # The production command: checks Redis and storage, then runs celery quietly.
+        cmd = [sys.executable, "-m", "worker.cli", "worker"]
+        cmd += ["--concurrency", str(concurrency or self._concurrency)]
+        cmd += ["--hostname", f"w{n}-{os.getpid()}@%h"]
+        # Workers share this host: each serves its metrics on a port of its own.
+        port = int(self._extra_env.get("WORKER_METRICS_PORT") or free_port())
+        process = self._spawn(f"worker-{n}", cmd, {"WORKER_METRICS_PORT": str(port)})
         self.worker_processes.append(process)
+        self.worker_metrics_ports.append(port)
         return process
 
     def kill_worker(self, process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -163,6 +173,7 @@ class LocalStack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.worker_processes = []
+        self.worker_metrics_ports = []
         self.webhook = None
         if self.sandbox is not None:
             self.sandbox.stop()

@@ -7,17 +7,27 @@ import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import obstore
 from obstore.exceptions import BaseError
 from obstore.store import LocalStore, MemoryStore, from_url
 
+from worker.envelope import (
+    EncryptionError,
+    KeyRing,
+    decrypt_stream,
+    encrypt_stream,
+    is_encrypted,
+    parse_key_ring,
+)
 from worker.errors import StorageError
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore, RetryConfig, S3Config
+
+    from worker.config import Settings
 
 #: Size of each part of a multipart upload, in bytes; also the threshold above which
 #: ``put_file`` switches to multipart (S3's minimum part size is 5 MiB).
@@ -45,28 +55,62 @@ _RETRY: RetryConfig = {
 
 
 class Storage:
-    """One bucket (or folder) plus an optional key prefix; keys are relative to it."""
+    """One bucket (or folder) plus an optional key prefix; keys are relative to it.
 
-    def __init__(self, url: str) -> None:
+    With ``encryption`` (a key ring) every object is stored envelope-encrypted and read back
+    decrypted: callers only ever see plaintext. ``sse``/``sse_kms_key_id`` ask S3 to encrypt
+    at rest on its side too (ignored by other backends).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        encryption: KeyRing | None = None,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+    ) -> None:
         self.url = url
+        self._ring = encryption
         self._local_root: Path | None = None
         self._store: ObjectStore = _guard(
-            f"cannot open storage {_safe_url(url)}", lambda: _open(url)
+            f"cannot open storage {_safe_url(url)}",
+            lambda: _open(url, sse=sse, sse_kms_key_id=sse_kms_key_id),
         )
         if isinstance(self._store, LocalStore) and self._store.prefix is not None:
             self._local_root = Path(self._store.prefix)
         # Local files carry no attributes: obstore refuses a Content-Type there.
         self._attributes = not isinstance(self._store, LocalStore)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        """STORAGE_URL with STORAGE_ENCRYPTION_KEY, STORAGE_SSE and STORAGE_SSE_KMS_KEY_ID."""
+        key = settings.STORAGE_ENCRYPTION_KEY
+        return cls(
+            settings.STORAGE_URL,
+            encryption=parse_key_ring(key) if key else None,
+            sse=settings.STORAGE_SSE,
+            sse_kms_key_id=settings.STORAGE_SSE_KMS_KEY_ID,
+        )
+
+    @property
+    def encrypted(self) -> bool:
+        return self._ring is not None
+
     def put_file(self, key: str, source: Path, *, content_type: str = "application/json") -> None:
         """Upload ``source`` as ``key``; big files go multipart with bounded memory."""
 
         def put() -> None:
             with source.open("rb") as f:
+                ring = self._ring
+                body: Any = f
+                if ring is not None:
+                    # Encrypted on the fly, read a part at a time: memory stays flat.
+                    body = encrypt_stream(ring, iter(lambda: f.read(UPLOAD_PART_BYTES), b""))
                 obstore.put(
                     self._store,
                     key,
-                    f,
+                    body,
                     attributes=self._content_type(content_type),
                     chunk_size=UPLOAD_PART_BYTES,
                     max_concurrency=UPLOAD_CONCURRENCY,
@@ -79,20 +123,38 @@ class Storage:
         _guard(
             f"cannot store {self.location(key)}",
             lambda: obstore.put(
-                self._store, key, data, attributes=self._content_type(content_type)
+                self._store, key, self._seal(data), attributes=self._content_type(content_type)
             ),
         )
 
+    def _seal(self, data: bytes) -> bytes:
+        return data if self._ring is None else b"".join(encrypt_stream(self._ring, [data]))
+
     def get_bytes(self, key: str) -> bytes:
         """Return the whole object ``key``; raise StorageError when it does not exist."""
-        return _guard(
-            f"cannot read {self.location(key)}",
-            lambda: bytes(obstore.get(self._store, key).bytes()),
-        )
+        return b"".join(self.iter_bytes(key))
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         """Yield the object ``key`` in chunks of at least ``DOWNLOAD_CHUNK_BYTES``."""
         where = f"cannot read {self.location(key)}"
+        raw = self._iter_stored(key, where)
+        if self._ring is not None:
+            try:
+                yield from decrypt_stream(self._ring, raw)
+            except EncryptionError as exc:
+                raise StorageError(f"{where}: {exc}") from None
+            return
+        first = next(raw, None)
+        if first is not None and is_encrypted(first[:8]):
+            raise StorageError(
+                f"{where}: the object is encrypted; STORAGE_ENCRYPTION_KEY is not set"
+            )
+        if first is not None:
+            yield first
+        yield from raw
+
+    def _iter_stored(self, key: str, where: str) -> Iterator[bytes]:
+        """The object's bytes as stored (ciphertext when encrypted)."""
         result = _guard(where, lambda: obstore.get(self._store, key))
         stream = iter(result.stream(min_chunk_size=DOWNLOAD_CHUNK_BYTES))
         while True:
@@ -100,6 +162,10 @@ class Storage:
             if chunk is None:
                 return
             yield bytes(chunk)
+
+    def get_stored_bytes(self, key: str) -> bytes:
+        """The object exactly as stored (ciphertext when encrypted): for tests and audits."""
+        return b"".join(self._iter_stored(key, f"cannot read {self.location(key)}"))
 
     def exists(self, key: str) -> bool:
         """Whether the object ``key`` exists."""
@@ -123,6 +189,10 @@ class Storage:
                 for meta in batch
             ),
         )
+
+    def delete(self, key: str) -> None:
+        """Delete the object ``key`` (no error if it does not exist)."""
+        _guard(f"cannot delete {self.location(key)}", lambda: obstore.delete(self._store, key))
 
     def delete_prefix(self, prefix: str) -> builtins.list[str]:
         """Delete every object under ``prefix`` and return their keys."""
@@ -157,7 +227,7 @@ class Storage:
         return {"Content-Type": content_type} if self._attributes else None
 
 
-def _open(url: str) -> ObjectStore:
+def _open(url: str, *, sse: str | None = None, sse_kms_key_id: str | None = None) -> ObjectStore:
     scheme = urlsplit(url).scheme
     if scheme == "file":
         # LocalStore writes each object to "<key>#<n>" and renames it into place, so a
@@ -167,8 +237,13 @@ def _open(url: str) -> ObjectStore:
     if scheme == "memory":
         return MemoryStore()
     if scheme in ("s3", "s3a"):
+        config = _s3_config()
+        if sse:
+            config["server_side_encryption"] = sse
+            if sse_kms_key_id:
+                config["sse_kms_key_id"] = sse_kms_key_id
         return from_url(
-            url, config=_s3_config(), client_options=_s3_client_options(), retry_config=_RETRY
+            url, config=config, client_options=_s3_client_options(), retry_config=_RETRY
         )
     if scheme in ("gs", "az", "azure", "abfs", "abfss", "adl"):
         # Credentials and options come from the GOOGLE_* / AZURE_* variables.

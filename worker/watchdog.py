@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import pipeline
+from worker import pipeline, retention
 from worker.jobs import State
 from worker.runtime import Runtime
 
@@ -29,6 +29,8 @@ class SweepReport:
     failed: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
     chains_resumed: list[str] = field(default_factory=list)
+    #: Jobs and batches deleted under RETENTION_DAYS.
+    deleted: list[str] = field(default_factory=list)
 
 
 def try_sweep(
@@ -95,6 +97,7 @@ def sweep(
             rt.jobs.touch(job_id, now)
 
     _sweep_batches(rt, dispatch, now, report)
+    report.deleted = retention.sweep(rt, now=now)
 
     if report.rerequested or report.failed or report.redispatched or report.chains_resumed:
         log.warning(
@@ -114,7 +117,7 @@ def sweep(
 def _sweep_batches(
     rt: Runtime, dispatch: pipeline.Dispatch, now: float, report: SweepReport
 ) -> None:
-    """Batches whose feeder died, or whose finalize was lost, are started again."""
+    """Batches whose finalize was lost are finalized (feeder threads pick up the rest)."""
     from worker import batches
 
     stale: list[bytes] = rt.redis.zrangebyscore(  # type: ignore[assignment]
@@ -130,12 +133,5 @@ def _sweep_batches(
             rt.redis.zrem(batches.RUNNING_KEY, batch_id)
         elif batches.complete(batch):
             dispatch(batches.FINALIZE_TASK, [batch_id])
-            report.redispatched.append(batch_id)
-        elif (
-            batch.state == "running"
-            and batch.submitted < batch.total
-            and not rt.redis.exists(f"apsis:lease:batch-{batch_id}")
-        ):
-            dispatch(batches.FEED_TASK, [batch_id])
             report.redispatched.append(batch_id)
         rt.redis.zadd(batches.RUNNING_KEY, {batch_id: now}, xx=True)

@@ -48,9 +48,8 @@ def _submit_batch(stack: LocalStack, keys: list[str], batch_id: str, **kwargs: o
 def _wait_batch(client: redis.Redis, batch_id: str, timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        data = {
-            k.decode(): v.decode() for k, v in client.hgetall(f"apsis:batch:{batch_id}").items()
-        }
+        raw: dict[bytes, bytes] = client.hgetall(f"apsis:batch:{batch_id}")  # type: ignore[assignment]
+        data = {k.decode(): v.decode() for k, v in raw.items()}
         if data.get("finished_at"):
             return data
         time.sleep(0.25)

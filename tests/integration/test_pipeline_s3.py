@@ -62,7 +62,14 @@ def test_export_lands_in_s3_with_manifest_last(
     keys = sorted(item["Key"] for item in listed["Contents"])
     assert keys == sorted(
         f"gdpr/jobs/{job_id}/{name}"
-        for name in ("export.json", "manifest.json", "profiles/0.json", "profiles/1.json")
+        for name in (
+            "export.json",
+            "manifest.json",
+            "profiles/0.json",
+            "profiles/1.json",
+            "report.html",
+            "report.json",
+        )
     )
     manifest = json.loads(
         s3.get_object(Bucket=BUCKET, Key=f"gdpr/jobs/{job_id}/manifest.json")["Body"].read()

@@ -136,3 +136,22 @@ def test_unreachable_endpoint_is_a_storage_error(monkeypatch: pytest.MonkeyPatch
 
     assert time.monotonic() - started < 30  # bounded retries, not obstore's 3 minutes
     assert SECRET_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("sse", "kms_key", "expected"),
+    [("AES256", None, "AES256"), ("aws:kms", "alias/apsis-exports", "aws:kms")],
+)
+def test_server_side_encryption_is_requested_on_every_put(
+    s3_client: Any, tmp_path: Path, sse: str, kms_key: str | None, expected: str
+) -> None:
+    storage = Storage(f"s3://{BUCKET}/sse", sse=sse, sse_kms_key_id=kms_key)
+    storage.put_bytes("small.json", b"{}")
+    big = tmp_path / "big.json"
+    big.write_bytes(b"x" * (UPLOAD_PART_BYTES + 1024))  # multipart
+    storage.put_file("big.json", big)
+    for key in ("sse/small.json", "sse/big.json"):
+        head = s3_client.head_object(Bucket=BUCKET, Key=key)
+        assert head["ServerSideEncryption"] == expected
+        if kms_key:
+            assert kms_key in head.get("SSEKMSKeyId", "")

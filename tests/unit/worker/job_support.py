@@ -1,0 +1,93 @@
+"""Unit helpers: a Runtime on fakeredis + memory storage, and a job run through the real
+pipeline with a fake APSIS client serving a given export file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, BinaryIO
+
+import fakeredis
+
+from worker import pipeline
+from worker.apsis import Downloaded
+from worker.config import load_settings
+from worker.inbox import Inbox
+from worker.jobs import ExportOptions, State
+from worker.ratelimit import RateLimiter
+from worker.runtime import Runtime
+from worker.storage import Storage
+
+REQUESTED = "zoe@example.com"
+
+
+class FakeApsis:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def download(self, url: str, to_file: BinaryIO, *, max_bytes: int, timeout: float) -> Any:
+        to_file.write(self.body)
+        return Downloaded(sha256=hashlib.sha256(self.body).hexdigest(), bytes=len(self.body))
+
+
+def make_runtime(storage: Storage | None = None, **settings: Any) -> Runtime:
+    client = fakeredis.FakeRedis()
+    return Runtime(
+        settings=load_settings(CALLBACK_SECRET="s" * 40, STORAGE_URL="memory:///", **settings),
+        redis=client,
+        jobs=__import__("worker.jobs", fromlist=["JobStore"]).JobStore(client),
+        inbox=Inbox(client),
+        limiter=RateLimiter(client),
+        storage=storage or Storage("memory:///"),
+    )
+
+
+def export_body(requested: str = REQUESTED, merged: list[str] | None = None) -> bytes:
+    def profile(email: str) -> dict[str, Any]:
+        return {
+            "sections": {
+                "s1": {
+                    "attributes": {
+                        "com.apsis1.attributes.email": {
+                            "value": email,
+                            "history": [{"value": "old@example.com", "changed_at": "2020"}],
+                        }
+                    },
+                    "events": [{"discriminator": "e", "event_time": "2021", "data": {"a": 1}}],
+                }
+            }
+        }
+
+    profiles = {requested: profile(requested)}
+    for key in merged or []:
+        profiles[key] = profile(key)
+    return json.dumps({"profiles": profiles}).encode()
+
+
+def run_job(
+    rt: Runtime,
+    job_id: str,
+    *,
+    body: bytes | None = None,
+    export_key: str = REQUESTED,
+    batch_id: str | None = None,
+    options: ExportOptions | None = None,
+    now: float | None = None,
+) -> None:
+    """Create a job, make it ready and run fetch_and_store with ``body`` as the file."""
+    if not rt.jobs.exists(job_id):
+        rt.jobs.create(
+            job_id,
+            export_key=export_key,
+            account=rt.settings.APSIS_ACCOUNT,
+            options=options or ExportOptions(),
+            deadline_seconds=3600,
+            batch_id=batch_id,
+            now=now,
+        )
+    rt.jobs.transition(job_id, State.REQUESTED, now=now)
+    rt.jobs.transition(job_id, State.READY, fields={"download_url": "https://x/y"}, now=now)
+    rt._clients[rt.settings.APSIS_ACCOUNT] = FakeApsis(body or export_body(export_key))  # type: ignore[assignment]
+    sent: list[Any] = []
+    pipeline.fetch_and_store(rt, job_id, lambda name, args: sent.append((name, args)))
+    assert rt.jobs.get(job_id).state == State.DONE, rt.jobs.get(job_id).error

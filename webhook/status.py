@@ -1,0 +1,177 @@
+"""GET /status: the pool at a glance, as plain server-rendered HTML behind a bearer token.
+
+Off (404) unless STATUS_TOKEN is set. Shows job and batch ids, states, counts and failure
+reasons, never an export key or a caller's reference (either may be personal data).
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, abort, current_app, render_template_string, request
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import Unauthorized
+
+from webhook.app import resources
+from worker import metrics
+from worker.batches import RUNNING_KEY, batch_key
+from worker.inbox import STREAM
+from worker.jobs import JobStore
+
+bp = Blueprint("status", __name__)
+
+#: Rows shown per table.
+MAX_BATCHES = 50
+MAX_FAILURES = 20
+MAX_DEADLINES = 10
+#: Longest failure reason shown, in characters.
+MAX_REASON_CHARS = 240
+#: Seconds between two automatic reloads of the page (a meta refresh: no JavaScript).
+REFRESH_SECONDS = 15
+#: APSIS's free text after its failure code may name the data subject: never shown.
+_APSIS_TEXT = re.compile(r"(APSIS reported failure code \d+): .*", re.DOTALL)
+
+
+def public_reason(reason: str) -> str:
+    """A failure reason fit for the page: APSIS's own message withheld, length capped."""
+    shown = _APSIS_TEXT.sub(r"\1 (message withheld)", reason)
+    return shown if len(shown) <= MAX_REASON_CHARS else shown[: MAX_REASON_CHARS - 1] + "…"
+
+
+def _authorized(expected: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    batch_id: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    in_flight: int
+    waiting: int
+    age: str
+
+    def percent(self, part: int) -> float:
+        return round(100.0 * part / self.total, 2) if self.total else 0.0
+
+
+def _ago(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else ("" if raw is None else str(raw))
+
+
+def gather(client: Any, now: float) -> dict[str, Any]:
+    """Everything the page shows, read from Redis."""
+    jobs = JobStore(client)
+    counts = jobs.counts()
+    by_state = [(state, max(counts.get(state, 0), 0)) for state in metrics.JOB_STATES]
+
+    batches: list[BatchRow] = []
+    for raw_id in client.zrevrange(RUNNING_KEY, 0, MAX_BATCHES - 1):
+        batch_id = _text(raw_id)
+        data = {_text(k): _text(v) for k, v in client.hgetall(batch_key(batch_id)).items()}
+        if not data.get("total"):
+            continue
+        total, submitted = int(data["total"]), int(data.get("submitted") or 0)
+        done, failed = int(data.get("done") or 0), int(data.get("failed") or 0)
+        state = data.get("state", "")
+        batches.append(
+            BatchRow(
+                batch_id=batch_id,
+                state=state,
+                total=total,
+                done=done,
+                failed=failed,
+                in_flight=max(submitted - done - failed, 0),
+                waiting=max(total - submitted, 0) if state == "running" else 0,
+                age=_ago(now - float(data.get("created_at") or now)),
+            )
+        )
+
+    failures = []
+    for job_id in jobs.recent_failures(MAX_FAILURES):
+        error, batch_id, updated = client.hmget(jobs.key(job_id), "error", "batch_id", "updated_at")
+        failures.append(
+            {
+                "job_id": job_id,
+                "batch_id": _text(batch_id),
+                "ago": _ago(now - float(_text(updated) or now)) if updated else "",
+                "reason": public_reason(_text(error)) if error else "(record expired)",
+            }
+        )
+
+    deadlines = []
+    for member, score in client.zrange(jobs.deadlines_key, 0, MAX_DEADLINES - 1, withscores=True):
+        job_id = _text(member).removeprefix("apsis:job:")
+        state = _text(client.hget(_text(member), "state"))
+        left = score - now
+        deadlines.append(
+            {
+                "job_id": job_id,
+                "state": state,
+                "left": ("overdue by " if left < 0 else "") + _ago(left),
+                "urgent": left < metrics.DUE_SOON_SECONDS,
+            }
+        )
+
+    oldest = jobs.oldest_waiting()
+    return {
+        "now": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
+        "by_state": by_state,
+        "batches": batches,
+        "failures": failures,
+        "deadlines": deadlines,
+        "backlog": int(client.xlen(STREAM)),
+        "consumers": int(
+            client.zcount(metrics.HEARTBEATS_KEY, now - metrics.HEARTBEAT_FRESH_SECONDS, "+inf")
+        ),
+        "oldest_waiting": _ago(now - oldest) if oldest is not None else "none waiting",
+        "refresh": REFRESH_SECONDS,
+    }
+
+
+def _template() -> str:
+    return importlib.resources.files("webhook").joinpath("status.html").read_text("utf-8")
+
+
+@bp.get("/status")
+def status() -> Response:
+    expected = resources(current_app).settings.STATUS_TOKEN
+    if not expected:
+        abort(404)
+    if not _authorized(expected):
+        raise Unauthorized(
+            description="send Authorization: Bearer <STATUS_TOKEN>",
+            www_authenticate=WWWAuthenticate("bearer", {"realm": "status"}),
+        )
+    # render_template_string autoescapes every value: ids and reasons are text, not markup.
+    page = render_template_string(_template(), **gather(resources(current_app).redis, time.time()))
+    response = Response(page, mimetype="text/html")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response

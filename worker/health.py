@@ -1,0 +1,47 @@
+"""``apsis-export health``: a worker node's probe (Redis, storage, its inbox consumer alive)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import redis
+
+from worker import metrics
+from worker.errors import ExportError
+from worker.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    line: str
+
+
+def check_node(rt: Runtime, *, node: str | None = None, now: float | None = None) -> Health:
+    """Redis answers, storage answers, and an inbox consumer of ``node`` (default: this
+    host) sent a heartbeat in the last HEARTBEAT_FRESH_SECONDS. One line either way."""
+    node = node or socket.gethostname()
+    try:
+        rt.redis.ping()
+    except redis.RedisError as exc:
+        return Health(False, f"unhealthy: redis unreachable ({type(exc).__name__})")
+    try:
+        rt.storage.check()
+    except ExportError as exc:
+        return Health(False, f"unhealthy: {exc}")
+    now = time.time() if now is None else now
+    fresh: list[tuple[bytes, float]] = rt.redis.zrangebyscore(  # type: ignore[assignment]
+        metrics.HEARTBEATS_KEY, now - metrics.HEARTBEAT_FRESH_SECONDS, "+inf", withscores=True
+    )
+    # Consumer names are "<host>-<pid>" (worker.consumer.consumer_name).
+    ours = [(name.decode(), at) for name, at in fresh if name.decode().rpartition("-")[0] == node]
+    if not ours:
+        return Health(
+            False,
+            f"unhealthy: no inbox consumer heartbeat from {node} in the last "
+            f"{metrics.HEARTBEAT_FRESH_SECONDS:g} s",
+        )
+    name, at = max(ours, key=lambda pair: pair[1])
+    return Health(True, f"ok: redis, storage, inbox consumer {name} {max(now - at, 0):.0f} s ago")
