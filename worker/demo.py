@@ -36,7 +36,7 @@ def run(*, keep: bool = False) -> int:
     stack = LocalStack(storage_url=os.environ.get("STORAGE_URL", "file://./exports"))
     try:
         stack.start()
-        _say(f"redis     {stack.redis_url}")
+        _say(f"redis     {stack.redis_url}  ({stack.redis_kind})")
         _say(f"sandbox   APSIS One simulator at {stack.apsis_url}")
         _say(f"webhook   {stack.webhook_url}  (gunicorn)")
         _say(f"worker    celery, concurrency 2  (logs in {stack.log_dir})")
@@ -52,7 +52,9 @@ def run(*, keep: bool = False) -> int:
         _say(f"exports   {len(job_ids)} submitted; APSIS allows 1 export request a second\n")
         _progress(rt, job_ids)
         ok = _summary(rt, job_ids)
-        _say(f"\nresults   {settings.STORAGE_URL}/jobs/<job id>/manifest.json")
+        _say(f"\nresults   {settings.STORAGE_URL}/jobs/<job id>/")
+        _say("          manifest.json (written last), report.html (open it in a browser),")
+        _say("          report.json, export.json (as APSIS served it), profiles/<n>.json")
         return 0 if ok else 1
     finally:
         stack.stop()

@@ -78,6 +78,11 @@ class LocalStack:
         self.redis_url = ""
         self._producer: Celery | None = None
 
+    @property
+    def redis_kind(self) -> str:
+        """given (REDIS_URL), redis-server, or fakeredis."""
+        return self._redis.kind
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> LocalStack:
