@@ -40,6 +40,16 @@ def requeue_when_redis_is_down(run: Callable[P, R]) -> Callable[P, R]:
     return guarded
 
 
+def _detach_caller_chain(task: Task[Any, Any]) -> dict[str, Any] | None:
+    """Take the caller's chain and links off this task's request, to be stored with the job
+    or batch: they resume when the export is stored (or the whole batch has ended), not when
+    this task returns. None: the caller chained nothing."""
+    stored = {"chain": task.request.chain or [], "link": task.request.callbacks or []}
+    task.request.chain = None
+    task.request.callbacks = None
+    return stored if stored["chain"] or stored["link"] else None
+
+
 @shared_task(name="apsis.export_profile", bind=True)
 @requeue_when_redis_is_down
 def export_profile(
@@ -57,10 +67,7 @@ def export_profile(
     """Create the job, ask APSIS for the export, park the caller's chain, and end."""
     rt = get_runtime()
     job_id = job_id or pipeline.job_id_from_task_id(self.request.id)
-    stored = {"chain": self.request.chain or [], "link": self.request.callbacks or []}
-    # The chain resumes when the export is stored, not when this task returns.
-    self.request.chain = None
-    self.request.callbacks = None
+    chain = _detach_caller_chain(self)
     options = ExportOptions(
         include_attribute_history=include_attribute_history,
         include_type_definitions=include_type_definitions,
@@ -75,7 +82,7 @@ def export_profile(
             reference=reference,
             batch_id=batch_id,
             account=account,
-            chain=stored if stored["chain"] or stored["link"] else None,
+            chain=chain,
         )
     except InputError as exc:
         # A caller's bad input: nothing to retry; the error names no personal data.
@@ -127,9 +134,7 @@ def export_batch(
     """Record a batch (keys, or {"export_key", "reference"} objects) and start feeding it."""
     rt = get_runtime()
     batch_id = batch_id or pipeline.job_id_from_task_id(self.request.id)
-    stored = {"chain": self.request.chain or [], "link": self.request.callbacks or []}
-    self.request.chain = None  # resumed when the whole batch has ended
-    self.request.callbacks = None
+    chain = _detach_caller_chain(self)
     items = [
         BatchItem(k["export_key"], k.get("reference")) if isinstance(k, dict) else BatchItem(k)
         for k in export_keys
@@ -148,7 +153,7 @@ def export_batch(
             reference=reference,
             account=account,
             max_in_flight=max_in_flight,
-            chain=stored if stored["chain"] or stored["link"] else None,
+            chain=chain,
         )
     except InputError as exc:
         return {"batch_id": batch_id, "state": "rejected", "error": str(exc)}

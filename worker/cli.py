@@ -51,6 +51,22 @@ def _job_json(rt: Runtime, job: Job) -> dict[str, Any]:
     }
 
 
+def _add_content_options(p: argparse.ArgumentParser) -> None:
+    """What an export includes: the same flags for one export and for a batch."""
+    p.add_argument("--history", action="store_true", help="include attribute history")
+    p.add_argument("--definitions", action="store_true", help="include type definitions")
+    p.add_argument("--no-merged", action="store_true", help="leave out merged profiles")
+
+
+def _content_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The flags of ``_add_content_options`` as the export tasks' keyword arguments."""
+    return {
+        "include_attribute_history": args.history,
+        "include_type_definitions": args.definitions,
+        "include_merged_profiles": not args.no_merged,
+    }
+
+
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from worker.celery import app
 
@@ -62,9 +78,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         "apsis.export_profile",
         args=[export_key],
         kwargs={
-            "include_attribute_history": args.history,
-            "include_type_definitions": args.definitions,
-            "include_merged_profiles": not args.no_merged,
+            **_content_options(args),
             "job_id": job_id,
             "reference": args.reference,
         },
@@ -196,9 +210,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         "apsis.export_batch",
         args=[[{"export_key": i.export_key, "reference": i.reference} for i in parsed.items]],
         kwargs={
-            "include_attribute_history": args.history,
-            "include_type_definitions": args.definitions,
-            "include_merged_profiles": not args.no_merged,
+            **_content_options(args),
             "batch_id": batch_id,
             "reference": args.reference,
             "account": args.account,
@@ -360,9 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export one data subject's profile")
     p.add_argument("export_key", help="the profile's key in com.apsis1.keyspaces.export")
-    p.add_argument("--history", action="store_true", help="include attribute history")
-    p.add_argument("--definitions", action="store_true", help="include type definitions")
-    p.add_argument("--no-merged", action="store_true", help="leave out merged profiles")
+    _add_content_options(p)
     p.add_argument("--reference", help="your own id for this request (e.g. a ticket number)")
     p.add_argument("--job-id", help="idempotency key: the same id twice is one job")
     p.add_argument("--wait", action="store_true", help="wait until the job ends")
@@ -372,9 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="export every key in a file (one a line, or CSV)")
     p.add_argument("file", help="one export key a line, or a CSV with an export_key column")
-    p.add_argument("--history", action="store_true", help="include attribute history")
-    p.add_argument("--definitions", action="store_true", help="include type definitions")
-    p.add_argument("--no-merged", action="store_true", help="leave out merged profiles")
+    _add_content_options(p)
     p.add_argument("--reference", help="your own id for the batch")
     p.add_argument("--batch-id", help="idempotency key: the same id twice is one batch")
     p.add_argument("--account", help="APSIS account (default: APSIS_ACCOUNT)")

@@ -45,6 +45,18 @@ def report_json_object(job_id: str) -> str:
     return f"{job_prefix(job_id)}/report.json"
 
 
+def _job_head(job: Job) -> dict[str, Any]:
+    """The fields a job's manifest opens with, whether the job is done or failed."""
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "product_version": product_version(),
+        "job_id": job.job_id,
+        "reference": job.reference,
+        "batch_id": job.batch_id,
+        "account": job.account,
+    }
+
+
 def build_manifest(
     job: Job,
     *,
@@ -65,12 +77,7 @@ def build_manifest(
     warnings = manifest_warnings(job, split)
     links = links or {}
     return {
-        "manifest_version": MANIFEST_VERSION,
-        "product_version": product_version(),
-        "job_id": job.job_id,
-        "reference": job.reference,
-        "batch_id": job.batch_id,
-        "account": job.account,
+        **_job_head(job),
         "state": "done",
         "requested_export_key": job.export_key,
         "options": job.options.to_json(),
@@ -133,12 +140,7 @@ def build_failure_manifest(
 ) -> dict[str, Any]:
     """What a failed job leaves in storage: why, after which attempts, and its history."""
     return {
-        "manifest_version": MANIFEST_VERSION,
-        "product_version": product_version(),
-        "job_id": job.job_id,
-        "reference": job.reference,
-        "batch_id": job.batch_id,
-        "account": job.account,
+        **_job_head(job),
         "state": "failed",
         "reason": reason,
         "requested_export_key": job.export_key,

@@ -391,14 +391,20 @@ class _Delegate(Collector):
 
 def scrape_registry(client: redis.Redis | None) -> CollectorRegistry:
     """A registry holding every process's counters and histograms plus the pool gauges."""
+    registry = _counters_registry()
+    if client is not None:
+        registry.register(PoolCollector(client))
+    return registry
+
+
+def _counters_registry() -> CollectorRegistry:
+    """A registry holding every process's counters and histograms (no pool gauges yet)."""
     registry = CollectorRegistry(auto_describe=False)
     path = multiprocess_dir()
     if path is not None:
         multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Delegate(metrics().registry))
-    if client is not None:
-        registry.register(PoolCollector(client))
     return registry
 
 
@@ -423,12 +429,7 @@ class MetricsServer:
         """Start serving; False (and a warning, the worker goes on) if the port is taken."""
         from prometheus_client import start_http_server
 
-        registry = CollectorRegistry(auto_describe=False)
-        path = multiprocess_dir()
-        if path is not None:
-            multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-        else:
-            registry.register(_Delegate(metrics().registry))
+        registry = _counters_registry()
         registry.register(_LazyPool(self._client_factory))
         try:
             server, _thread = start_http_server(self.port, addr=self.host, registry=registry)

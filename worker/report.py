@@ -7,10 +7,11 @@ so a gigabyte of events renders in flat memory: each table is capped at
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -232,19 +233,23 @@ def _html_head(
     page.write("</dl>\n")
     for warning in warnings:
         page.write(f'<p class="warn"><strong>Warning:</strong> {esc(warning)}</p>\n')
-    page.write(
-        "<h2>Profiles</h2>\n<table>\n<thead><tr><th>Export key</th><th>Role</th>"
-        "<th>Sections</th><th>Attributes</th><th>History entries</th><th>Events</th>"
-        "<th>Document</th></tr></thead>\n<tbody>\n"
+    page.write("<h2>Profiles</h2>\n")
+    _table(
+        page,
+        ("Export key", "Role", "Sections", "Attributes", "History entries", "Events", "Document"),
+        (
+            (
+                esc(profile.export_key),
+                esc(profile.role),
+                f"{profile.counts.sections:,}",
+                f"{profile.counts.attributes:,}",
+                f"{profile.counts.history:,}",
+                f"{profile.counts.events:,}",
+                f"<code>{esc(obj)}</code>",
+            )
+            for profile, obj in zip(profiles, profile_objects, strict=True)
+        ),
     )
-    for profile, obj in zip(profiles, profile_objects, strict=True):
-        c = profile.counts
-        page.write(
-            f"<tr><td>{esc(profile.export_key)}</td><td>{esc(profile.role)}</td>"
-            f"<td>{c.sections:,}</td><td>{c.attributes:,}</td><td>{c.history:,}</td>"
-            f"<td>{c.events:,}</td><td><code>{esc(obj)}</code></td></tr>\n"
-        )
-    page.write("</tbody>\n</table>\n")
 
 
 def _html_profile_start(page: TextIO, profile: ProfileDocument) -> None:
@@ -252,6 +257,15 @@ def _html_profile_start(page: TextIO, profile: ProfileDocument) -> None:
         f'<section>\n<h2>{esc(profile.export_key)}<span class="role">{esc(profile.role)}'
         "</span></h2>\n"
     )
+
+
+def _table(page: TextIO, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """An HTML table: ``headers`` as text, each row's cells as HTML already escaped."""
+    heads = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    page.write(f"<table>\n<thead><tr>{heads}</tr></thead>\n<tbody>\n")
+    for cells in rows:
+        page.write("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>\n")
+    page.write("</tbody>\n</table>\n")
 
 
 def _omitted(page: TextIO, shown: int, total: int, what: str, obj: str) -> None:
@@ -273,39 +287,39 @@ def _html_section(page: TextIO, section: _Section, obj: str) -> None:
     page.write(f"<h3>Section <code>{esc(section.discriminator)}</code></h3>\n")
     page.write(f"<h4>Attributes ({section.attribute_count:,})</h4>\n")
     if section.attributes:
-        page.write("<table>\n<thead><tr><th>Attribute</th><th>Current value</th></tr></thead>\n")
-        page.write("<tbody>\n")
-        for row in section.attributes:
-            page.write(f"<tr><td>{_label(row)}</td><td>{esc(display(row['value']))}</td></tr>\n")
-        page.write("</tbody>\n</table>\n")
+        _table(
+            page,
+            ("Attribute", "Current value"),
+            ((_label(row), esc(display(row["value"]))) for row in section.attributes),
+        )
     else:
         page.write('<p class="note">None.</p>\n')
     _omitted(page, len(section.attributes), section.attribute_count, "attributes", obj)
     if section.history_count:
         page.write(f"<h4>Change history ({section.history_count:,})</h4>\n")
-        page.write(
-            "<table>\n<thead><tr><th>Attribute</th><th>Value</th><th>Changed at</th>"
-            "</tr></thead>\n<tbody>\n"
+        _table(
+            page,
+            ("Attribute", "Value", "Changed at"),
+            (
+                (_label(row), esc(display(row["value"])), esc(display(row["changed_at"])))
+                for row in section.history
+            ),
         )
-        for row in section.history:
-            page.write(
-                f"<tr><td>{_label(row)}</td><td>{esc(display(row['value']))}</td>"
-                f"<td>{esc(display(row['changed_at']))}</td></tr>\n"
-            )
-        page.write("</tbody>\n</table>\n")
         _omitted(page, len(section.history), section.history_count, "history entries", obj)
     page.write(f"<h4>Events ({section.event_count:,})</h4>\n")
     if section.events:
-        page.write(
-            "<table>\n<thead><tr><th>Event</th><th>Time</th><th>Data</th></tr></thead>\n<tbody>\n"
+        _table(
+            page,
+            ("Event", "Time", "Data"),
+            (
+                (
+                    _label(row),
+                    esc(display(row.get("event_time") or "—")),
+                    f"<code>{esc(display(compact_json(row.get('data'))))}</code>",
+                )
+                for row in section.events
+            ),
         )
-        for row in section.events:
-            data = row.get("data")
-            page.write(
-                f"<tr><td>{_label(row)}</td><td>{esc(display(row.get('event_time') or '—'))}</td>"
-                f"<td><code>{esc(display(compact_json(data)))}</code></td></tr>\n"
-            )
-        page.write("</tbody>\n</table>\n")
     else:
         page.write('<p class="note">None.</p>\n')
     _omitted(page, len(section.events), section.event_count, "events", obj)
@@ -353,11 +367,11 @@ class _SectionReader:
                 return
             yield value
 
-    def _skip(self, event: str) -> None:
-        if event not in _OPEN:
-            return
+    def _rest_of_container(self) -> Iterator[_Event]:
+        """The events after a container's opening one, up to and including its closing one."""
         depth = 1
-        for inner, _ in self._events:
+        for inner, inner_value in self._events:
+            yield inner, inner_value
             if inner in _OPEN:
                 depth += 1
             elif inner in _CLOSE:
@@ -365,21 +379,33 @@ class _SectionReader:
                 if depth == 0:
                     return
 
+    def _skip(self, event: str) -> None:
+        if event in _OPEN:
+            for _ in self._rest_of_container():
+                pass
+
     def _build(self, event: str, value: Any) -> Any:
         if event not in _OPEN:
             return value
         builder = ObjectBuilder()
         builder.event(event, value)
-        depth = 1
-        for inner, inner_value in self._events:
+        for inner, inner_value in self._rest_of_container():
             builder.event(inner, inner_value)
-            if inner in _OPEN:
-                depth += 1
-            elif inner in _CLOSE:
-                depth -= 1
-                if depth == 0:
-                    break
         return builder.value
+
+    def _read_capped(self, kept: list[dict[str, Any]], row: Callable[[Any], dict[str, Any]]) -> int:
+        """Read the array just opened, appending ``row(item)`` while ``kept`` has room for
+        it (the rest are skipped unbuilt); return how many items the array held."""
+        count = 0
+        for event, value in self._events:
+            if event == "end_array":
+                break
+            count += 1
+            if len(kept) >= self._max:
+                self._skip(event)
+                continue
+            kept.append(row(self._build(event, value)))
+        return count
 
     def _read_section(self, section: _Section) -> None:
         for key in self._keys():
@@ -389,27 +415,7 @@ class _SectionReader:
                     event, value = next(self._events)
                     self._read_attribute(section, disc, event, value)
             elif key == "events" and event == "start_array":
-                for event, value in self._events:
-                    if event == "end_array":
-                        break
-                    section.event_count += 1
-                    if len(section.events) >= self._max:
-                        self._skip(event)
-                        continue
-                    item = self._build(event, value)
-                    if isinstance(item, dict):
-                        section.events.append(
-                            {
-                                "discriminator": item.get("discriminator"),
-                                "name": item.get("name"),
-                                "event_time": item.get("event_time"),
-                                "data": item.get("data"),
-                            }
-                        )
-                    else:
-                        section.events.append(
-                            {"discriminator": None, "name": None, "event_time": None, "data": item}
-                        )
+                section.event_count += self._read_capped(section.events, _event_row)
             else:
                 self._skip(event)
 
@@ -424,7 +430,9 @@ class _SectionReader:
             for key in self._keys():
                 event, value = next(self._events)
                 if key == "history" and event == "start_array":
-                    self._read_history(section, disc)
+                    section.history_count += self._read_capped(
+                        section.history, functools.partial(_history_row, disc)
+                    )
                 elif key in ("value", "name") and keep:
                     row[key] = self._build(event, value)
                 else:
@@ -435,28 +443,27 @@ class _SectionReader:
         if keep:
             section.attributes.append(row)
 
-    def _read_history(self, section: _Section, disc: str) -> None:
-        for event, value in self._events:
-            if event == "end_array":
-                return
-            section.history_count += 1
-            if len(section.history) >= self._max:
-                self._skip(event)
-                continue
-            item = self._build(event, value)
-            if isinstance(item, dict):
-                section.history.append(
-                    {
-                        "discriminator": disc,
-                        "name": None,
-                        "value": item.get("value"),
-                        "changed_at": item.get("changed_at"),
-                    }
-                )
-            else:
-                section.history.append(
-                    {"discriminator": disc, "name": None, "value": item, "changed_at": None}
-                )
+
+def _event_row(item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return {
+            "discriminator": item.get("discriminator"),
+            "name": item.get("name"),
+            "event_time": item.get("event_time"),
+            "data": item.get("data"),
+        }
+    return {"discriminator": None, "name": None, "event_time": None, "data": item}
+
+
+def _history_row(disc: str, item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return {
+            "discriminator": disc,
+            "name": None,
+            "value": item.get("value"),
+            "changed_at": item.get("changed_at"),
+        }
+    return {"discriminator": disc, "name": None, "value": item, "changed_at": None}
 
 
 def store_report(storage: Storage, job: Job, split: SplitResult, out_dir: Path) -> dict[str, Any]:

@@ -82,17 +82,22 @@ def limits_from(account: AccountSettings, margin: float = DEFAULT_MARGIN) -> Lim
     )
 
 
-def build_runtime(settings: Settings | None = None) -> Runtime:
-    settings = settings or load_settings()
-    client = redis_client(settings.REDIS_URL)
+def runtime_on(settings: Settings, client: redis.Redis, storage: Storage) -> Runtime:
+    """The runtime on a given Redis client (its stores all share it) and storage."""
     return Runtime(
         settings=settings,
         redis=client,
         jobs=JobStore(client),
         inbox=Inbox(client),
         limiter=RateLimiter(client),
-        storage=Storage.from_settings(settings),
+        storage=storage,
     )
+
+
+def build_runtime(settings: Settings | None = None) -> Runtime:
+    settings = settings or load_settings()
+    client = redis_client(settings.REDIS_URL)
+    return runtime_on(settings, client, Storage.from_settings(settings))
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Integration fixtures: a whole local stack (sandbox, gunicorn webhook, celery workers)."""
+"""Integration fixtures: a whole local stack (sandbox, gunicorn webhook, celery workers)
+and an S3 protocol server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 from e2e_support import StackFactory
+from moto.server import ThreadedMotoServer
 
 from worker.stack import LocalStack
 
@@ -28,3 +30,15 @@ def make_stack(redis_db: redis.Redis, redis_url: str, tmp_path: Path) -> Iterato
     yield factory
     for stack in started:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 protocol server (moto) on 127.0.0.1, one per test module; its endpoint URL."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

@@ -7,9 +7,7 @@ on jobs in flight) while the tests scrape the webhook and a worker, probe them, 
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,15 +19,13 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+from e2e_support import OUTPUT, find_chromium, screenshot
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-OUTPUT = ROOT / "test-output"
-CHROMIUM = "/usr/bin/chromium"
 BATCH_ID = "opsbatch"
 #: The batch: fast keys that finish, one unknown (fails at once), one APSIS fails (re-requested,
 #: then failed), slow keys that stay in flight, and more than max_in_flight lets start.
@@ -204,15 +200,6 @@ def test_probes_answer_for_a_running_node(ops: Ops) -> None:
     assert other.stdout.startswith("unhealthy: no inbox consumer heartbeat from no-such-host")
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed (.ci/run installs Debian's package)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    return found
-
-
 def test_the_status_page_shows_the_batch_in_progress_in_chromium(ops: Ops) -> None:
     url = f"{ops.stack.webhook_url}/status"
     assert requests.get(url, timeout=10).status_code == 401
@@ -228,29 +215,13 @@ def test_the_status_page_shows_the_batch_in_progress_in_chromium(ops: Ops) -> No
     in_flight = batch["submitted"] - batch["done"] - batch["failed"]
     assert in_flight > 0 and batch["submitted"] < batch["total"]  # still in progress
 
-    chromium = _chromium()
+    chromium = find_chromium()
     OUTPUT.mkdir(exist_ok=True)
     saved = OUTPUT / "status.html"
     saved.write_text(html, encoding="utf-8")
     png = OUTPUT / "status.png"
-    png.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="apsis-chromium-") as profile:
-        cmd = [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            f"--screenshot={png}",
-            "--window-size=1280,1400",
-            saved.as_uri(),
-        ]
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+        screenshot(chromium, saved, png, window="1280,1400", profile_dir=Path(profile))
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

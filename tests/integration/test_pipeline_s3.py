@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 
 import boto3
 import pytest
 import redis
 from e2e_support import StackFactory, wait_final
-from moto.server import ThreadedMotoServer
 
 from worker.jobs import JobStore, State
 
@@ -22,17 +20,6 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "pipeline-test-secret",
     "AWS_REGION": "eu-west-1",
 }
-
-
-@pytest.fixture
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def test_export_lands_in_s3_with_manifest_last(

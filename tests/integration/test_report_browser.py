@@ -3,58 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import redis
-from e2e_support import StackFactory, wait_final
+from e2e_support import (
+    OUTPUT,
+    StackFactory,
+    find_chromium,
+    run_chromium,
+    screenshot,
+    wait_final,
+)
 
 from worker.jobs import JobStore, State
 from worker.storage import Storage
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
-
-
-def _chromium() -> str:
-    path = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
-    if path:
-        return path
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail("chromium is not installed; .ci/run installs it (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install chromium); CI runs this test")
-
-
-def _run_chromium(chromium: str, profile_dir: Path, *args: str) -> str:
-    done = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={profile_dir}",
-            *args,
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    return done.stdout.decode("utf-8")
-
 
 def test_report_renders_in_chromium_with_the_persons_values(
     make_stack: StackFactory, redis_db: redis.Redis, tmp_path: Path
 ) -> None:
-    chromium = _chromium()
+    chromium = find_chromium()
     stack = make_stack()
     key = "zoe.report@example.com"
     stack.sandbox_put("/_sandbox/faults", {"keys": {key: {"merged_count": 2}}})
@@ -77,19 +48,12 @@ def test_report_renders_in_chromium_with_the_persons_values(
     page = tmp_path / "report.html"
     page.write_bytes(storage.get_bytes(f"jobs/{job_id}/report.html"))
 
-    dom = _run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", page.as_uri())
+    dom = run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", page.as_uri())
     for text in [key, f"{key}~merged-1", f"{key}~merged-2", *values, *names]:
         assert text in dom, f"{text!r} not rendered"
     assert "Change history" in dom and "Events" in dom
 
     OUTPUT.mkdir(exist_ok=True)
     shot = OUTPUT / "report.png"
-    shot.unlink(missing_ok=True)
-    _run_chromium(
-        chromium,
-        tmp_path / "profile-shot",
-        f"--screenshot={shot}",
-        "--window-size=1280,2000",
-        page.as_uri(),
-    )
+    screenshot(chromium, page, shot, window="1280,2000", profile_dir=tmp_path / "profile-shot")
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
+from sandbox_in_process import sandbox_app, sandbox_session
 
-from sandbox.app import create_app, sandbox_state
+from sandbox.app import sandbox_state
 from sandbox.config import SandboxConfig
 from sandbox.state import SandboxState
-from sandbox.wsgi_transport import WSGITransport
 
 BASE = "http://sandbox.test"
 CALLBACK_URL = "https://receiver.test/callbacks/job-1?token=s3cret"
@@ -65,9 +65,8 @@ def sink() -> CallbackSink:
 
 @pytest.fixture
 def app(config: SandboxConfig, sink: CallbackSink) -> Iterator[Flask]:
-    app = create_app(config, send_callback=sink)
-    yield app
-    sandbox_state(app).close()
+    with sandbox_app(config, sink) as app:
+        yield app
 
 
 @pytest.fixture
@@ -77,10 +76,8 @@ def state(app: Flask) -> SandboxState:
 
 @pytest.fixture
 def session(app: Flask) -> Iterator[requests.Session]:
-    session = requests.Session()
-    session.mount(BASE, WSGITransport(app))
-    yield session
-    session.close()
+    with sandbox_session(app, BASE) as session:
+        yield session
 
 
 def fetch_token(

@@ -9,11 +9,10 @@ import json
 import requests
 from conftest import BASE, CALLBACK_URL, CallbackSink, export_and_wait, fetch_token, request_export
 from flask import Flask
+from sandbox_in_process import sandbox_app, sandbox_session
 
-from sandbox.app import create_app, sandbox_state
 from sandbox.config import SandboxConfig
 from sandbox.state import SandboxState
-from sandbox.wsgi_transport import WSGITransport
 
 TOKEN_URL = f"{BASE}/oauth/token"
 
@@ -45,14 +44,12 @@ def test_token_refused_on_bad_secret_or_body(session: requests.Session) -> None:
 
 
 def test_configured_accounts_get_their_own_tokens(sink: CallbackSink) -> None:
-    app = create_app(SandboxConfig(accounts=[("id-a", "secret-a", "acme")]), send_callback=sink)
-    session = requests.Session()
-    session.mount(BASE, WSGITransport(app))
-    token = fetch_token(session, "id-a", "secret-a")
+    config = SandboxConfig(accounts=[("id-a", "secret-a", "acme")])
+    with sandbox_app(config, sink) as app, sandbox_session(app, BASE) as session:
+        token = fetch_token(session, "id-a", "secret-a")
     claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==").decode())
     assert claims["account"] == "acme"
     assert {"sub", "iat", "exp", "jti"} <= set(claims)
-    sandbox_state(app).close()
 
 
 def test_export_without_or_with_bad_token_is_401(session: requests.Session) -> None:

@@ -11,11 +11,9 @@ import fakeredis
 
 from worker import pipeline
 from worker.apsis import Downloaded
-from worker.config import load_settings
-from worker.inbox import Inbox
+from worker.config import Settings, load_settings
 from worker.jobs import ExportOptions, State
-from worker.ratelimit import RateLimiter
-from worker.runtime import Runtime
+from worker.runtime import Runtime, runtime_on
 from worker.storage import Storage
 
 REQUESTED = "zoe@example.com"
@@ -30,15 +28,17 @@ class FakeApsis:
         return Downloaded(sha256=hashlib.sha256(self.body).hexdigest(), bytes=len(self.body))
 
 
+def runtime_on_fakeredis(settings: Settings, storage: Storage | None = None) -> Runtime:
+    """What worker.runtime.build_runtime builds, on an in-process fakeredis (no socket) and
+    memory storage unless ``storage`` is given."""
+    return runtime_on(settings, fakeredis.FakeRedis(), storage or Storage("memory:///"))
+
+
 def make_runtime(storage: Storage | None = None, **settings: Any) -> Runtime:
-    client = fakeredis.FakeRedis()
-    return Runtime(
-        settings=load_settings(CALLBACK_SECRET="s" * 40, STORAGE_URL="memory:///", **settings),
-        redis=client,
-        jobs=__import__("worker.jobs", fromlist=["JobStore"]).JobStore(client),
-        inbox=Inbox(client),
-        limiter=RateLimiter(client),
-        storage=storage or Storage("memory:///"),
+    """``runtime_on_fakeredis`` on test settings (a callback secret, memory storage) plus
+    ``settings``."""
+    return runtime_on_fakeredis(
+        load_settings(CALLBACK_SECRET="s" * 40, STORAGE_URL="memory:///", **settings), storage
     )
 
 

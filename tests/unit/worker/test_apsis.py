@@ -16,8 +16,9 @@ import pytest
 import requests
 from flask import Flask
 from requests.adapters import BaseAdapter
+from sandbox_in_process import sandbox_app, sandbox_session
 
-from sandbox.app import create_app, sandbox_state
+from sandbox.app import sandbox_state
 from sandbox.config import SandboxConfig
 from sandbox.state import SandboxState
 from sandbox.wsgi_transport import WSGITransport
@@ -134,9 +135,8 @@ def sandbox_config() -> SandboxConfig:
 
 @pytest.fixture
 def app(sandbox_config: SandboxConfig, sink: CallbackSink) -> Iterator[Flask]:
-    app = create_app(sandbox_config, send_callback=sink)
-    yield app
-    sandbox_state(app).close()
+    with sandbox_app(sandbox_config, sink) as app:
+        yield app
 
 
 @pytest.fixture
@@ -151,12 +151,12 @@ def tripwire() -> Tripwire:
 
 @pytest.fixture
 def session(app: Flask, tripwire: Tripwire) -> Iterator[requests.Session]:
-    session = requests.Session()
-    session.mount("http://", tripwire)
-    session.mount("https://", tripwire)
-    session.mount(BASE + "/", WSGITransport(app))
-    yield session
-    session.close()
+    with sandbox_session(app, BASE + "/") as session:
+        # Every other origin: the longer sandbox prefix still wins (requests matches the
+        # longest mounted prefix first).
+        session.mount("http://", tripwire)
+        session.mount("https://", tripwire)
+        yield session
 
 
 @pytest.fixture
@@ -185,6 +185,13 @@ def make_client(
     )
 
 
+def failing_client(app: Flask, redis_client: fakeredis.FakeRedis, fragment: str) -> ApsisClient:
+    """A client on the sandbox whose requests to paths containing ``fragment`` cannot connect."""
+    session = requests.Session()
+    session.mount(BASE + "/", FailingPath(app, fragment))
+    return make_client(session, redis_client)
+
+
 @pytest.fixture
 def client(session: requests.Session, redis_client: fakeredis.FakeRedis) -> ApsisClient:
     return make_client(session, redis_client)
@@ -207,6 +214,20 @@ def statuses(state: SandboxState, kind: str) -> list[int]:
 def sandbox_exports(session: requests.Session) -> list[dict[str, Any]]:
     exports: list[dict[str, Any]] = session.get(BASE + "/_sandbox/exports").json()
     return exports
+
+
+def definition_url(definition_id: str) -> str:
+    """The download URL of a sandbox export definition (as its ready callback names it)."""
+    return (
+        f"{BASE}/audience/profiles/export-single/accounts/sandbox/definitions/"
+        f"{definition_id}?metadata=true"
+    )
+
+
+def only_definition_url(state: SandboxState) -> str:
+    """The download URL of the one export the sandbox holds, without waiting for its callback."""
+    [definition] = state.definitions()
+    return definition_url(definition.definition_id)
 
 
 def download_to(client: ApsisClient, url: str, path: Path, **kwargs: Any) -> Any:
@@ -337,10 +358,8 @@ def test_connection_error_on_the_token_request_is_retryable(
 def test_connection_error_on_the_export_request_is_retryable(
     app: Flask, redis_client: fakeredis.FakeRedis, state: SandboxState
 ) -> None:
-    session = requests.Session()
-    session.mount(BASE + "/", FailingPath(app, "/export-single/"))
     with pytest.raises(RetryableApsisError):
-        export(make_client(session, redis_client))
+        export(failing_client(app, redis_client, "/export-single/"))
     assert statuses(state, "token") == [200]
     assert state.definitions() == []
 
@@ -475,11 +494,7 @@ def test_download_before_the_file_is_ready_is_retryable(
 ) -> None:
     state.set_faults({"keys": {"SLOW-1": {"ready_delay": 60}}})
     export(client, "SLOW-1")
-    [definition] = state.definitions()
-    url = (
-        f"{BASE}/audience/profiles/export-single/accounts/sandbox/definitions/"
-        f"{definition.definition_id}?metadata=true"
-    )
+    url = only_definition_url(state)
     with pytest.raises(RetryableApsisError) as caught:
         download_to(client, url, tmp_path / "export.json")
     assert caught.value.status == 202
@@ -488,7 +503,7 @@ def test_download_before_the_file_is_ready_is_retryable(
 def test_download_of_an_unknown_definition_is_retryable_not_ready(
     client: ApsisClient, tmp_path: Path
 ) -> None:
-    url = f"{BASE}/audience/profiles/export-single/accounts/sandbox/definitions/nope?metadata=true"
+    url = definition_url("nope")
     with pytest.raises(RetryableApsisError) as caught:
         download_to(client, url, tmp_path / "export.json")
     assert caught.value.status == 404
@@ -510,11 +525,7 @@ def test_a_failed_export_answers_503_which_is_retryable(
 ) -> None:
     state.set_faults({"default": {"failure_code": 500}})
     export(client)
-    [definition] = state.definitions()
-    url = (
-        f"{BASE}/audience/profiles/export-single/accounts/sandbox/definitions/"
-        f"{definition.definition_id}?metadata=true"
-    )
+    url = only_definition_url(state)
     with pytest.raises(RetryableApsisError) as caught:
         download_to(client, url, tmp_path / "export.json")
     assert caught.value.status == 503
@@ -622,9 +633,7 @@ def test_connection_error_on_the_download_is_retryable(
     state: SandboxState,
     tmp_path: Path,
 ) -> None:
-    session = requests.Session()
-    session.mount(BASE + "/", FailingPath(app, "/definitions/"))
-    client = make_client(session, redis_client)
+    client = failing_client(app, redis_client, "/definitions/")
     export(client)
     with pytest.raises(RetryableApsisError):
         download_to(client, sink.download_url(), tmp_path / "export.json")

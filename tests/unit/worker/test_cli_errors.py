@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import fakeredis
 import pytest
+from job_support import runtime_on_fakeredis
 
 from worker import cli
 from worker.config import Settings, load_settings
-from worker.inbox import Inbox
-from worker.jobs import JobStore
-from worker.ratelimit import RateLimiter
 from worker.runtime import Runtime
-from worker.storage import Storage
 
 SECRET = "s" * 48
 #: Connecting to port 1 on loopback is refused at once: no wait, no server needed.
@@ -35,15 +31,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture
 def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> Runtime:
     """The CLI's runtime on an in-process fake Redis (no socket)."""
-    client = fakeredis.FakeRedis()
-    runtime = Runtime(
-        settings=load_settings(),
-        redis=client,
-        jobs=JobStore(client),
-        inbox=Inbox(client),
-        limiter=RateLimiter(client),
-        storage=Storage("memory:///"),
-    )
+    runtime = runtime_on_fakeredis(load_settings())
     monkeypatch.setattr(cli, "build_runtime", lambda settings=None: runtime)
     return runtime
 

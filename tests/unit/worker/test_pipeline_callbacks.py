@@ -4,31 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import fakeredis
 import pytest
+from job_support import make_runtime
 
 from worker import pipeline
-from worker.config import load_settings
 from worker.errors import InvalidExportKey
-from worker.inbox import Callback, Inbox
-from worker.jobs import ExportOptions, JobStore, State
-from worker.ratelimit import RateLimiter
+from worker.inbox import Callback
+from worker.jobs import ExportOptions, State
 from worker.runtime import Runtime
-from worker.storage import Storage
 
 
 @pytest.fixture
 def rt() -> Runtime:
-    client = fakeredis.FakeRedis()
-    settings = load_settings(CALLBACK_SECRET="s" * 40, STORAGE_URL="memory:///")
-    return Runtime(
-        settings=settings,
-        redis=client,
-        jobs=JobStore(client),
-        inbox=Inbox(client),
-        limiter=RateLimiter(client),
-        storage=Storage("memory:///"),
-    )
+    return make_runtime()
 
 
 class Dispatched(list[tuple[str, list[Any]]]):

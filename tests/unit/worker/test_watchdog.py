@@ -4,39 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import fakeredis
 import pytest
+from job_support import make_runtime
 
 from worker import pipeline, watchdog
-from worker.config import load_settings
-from worker.inbox import Inbox
-from worker.jobs import ExportOptions, JobStore, State
+from worker.jobs import ExportOptions, State
 from worker.lease import JobLease, LeaseBusy
-from worker.ratelimit import RateLimiter
 from worker.runtime import Runtime
-from worker.storage import Storage
 
 NOW = 1_000_000.0
 
 
 @pytest.fixture
 def rt() -> Runtime:
-    client = fakeredis.FakeRedis()
-    settings = load_settings(
-        CALLBACK_SECRET="s" * 40,
-        STORAGE_URL="memory:///",
+    return make_runtime(
         APSIS_CALLBACK_TIMEOUT=600,
         EXPORT_DEADLINE=86400,
         WATCHDOG_STUCK_AFTER=120,
         WATCHDOG_INTERVAL=30,
-    )
-    return Runtime(
-        settings=settings,
-        redis=client,
-        jobs=JobStore(client),
-        inbox=Inbox(client),
-        limiter=RateLimiter(client),
-        storage=Storage("memory:///"),
     )
 
 
