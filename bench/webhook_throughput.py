@@ -1,0 +1,174 @@
+"""Webhook throughput: valid callbacks per second through the real webhook under gunicorn,
+beside a bare Flask endpoint that does nothing, served with the same gunicorn settings.
+
+Run: python -m bench.webhook_throughput [seconds_per_round]. Load comes from other processes
+(keep-alive http.client connections); the two sides alternate for two rounds each. Every
+callback is valid: a code-100 callback for a real job in state ``requested`` (no worker
+runs, so each one is verified, flood-checked and appended to the inbox).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from bench.report import bench_stack, emit, redis_of
+from worker import callback_token
+from worker.embedded import free_port
+from worker.jobs import ExportOptions, JobStore, State
+from worker.stack import wait_http
+
+#: Seconds of load per round and side.
+SECONDS = 5.0
+ROUNDS = 2
+#: Jobs the callbacks cycle over: each gets far fewer than the flood limit (20 a minute).
+JOBS = 4000
+#: Load generator processes, and keep-alive connections (threads) in each.
+LOADERS = 2
+CONNECTIONS = 4
+BODY = json.dumps({"code": 100, "message": "Callback verified"}).encode()
+HEADERS = {"Content-Type": "application/json", "Content-Length": str(len(BODY))}
+GOAL = 0.70
+
+
+def _connection_loop(
+    port: int, paths: list[str], stop_at: float, tally: dict[int, int], lock: threading.Lock
+) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    local: dict[int, int] = {}
+    n = 0
+    while time.time() < stop_at:
+        conn.request("POST", paths[n % len(paths)], body=BODY, headers=HEADERS)
+        response = conn.getresponse()
+        response.read()
+        local[response.status] = local.get(response.status, 0) + 1
+        n += 1
+    conn.close()
+    with lock:
+        for status, count in local.items():
+            tally[status] = tally.get(status, 0) + count
+
+
+def _loader(args: tuple[int, list[str], float, float]) -> dict[int, int]:
+    """One load process: CONNECTIONS threads, each its own keep-alive connection."""
+    port, paths, start_at, stop_at = args
+    tally: dict[int, int] = {}
+    lock = threading.Lock()
+    time.sleep(max(0.0, start_at - time.time()))
+    share = len(paths) // CONNECTIONS
+    threads = [
+        threading.Thread(
+            target=_connection_loop,
+            args=(port, paths[i * share : (i + 1) * share], stop_at, tally, lock),
+        )
+        for i in range(CONNECTIONS)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tally
+
+
+def load(port: int, paths: list[str], seconds: float) -> tuple[float, dict[int, int]]:
+    """Requests per second answered 2xx over ``seconds``, and the count by status."""
+    start_at = time.time() + 0.5  # every process connects and starts together
+    stop_at = start_at + seconds
+    share = len(paths) // LOADERS
+    work = [(port, paths[i * share : (i + 1) * share], start_at, stop_at) for i in range(LOADERS)]
+    with multiprocessing.get_context("fork").Pool(LOADERS) as pool:
+        tallies = pool.map(_loader, work)
+    statuses: dict[int, int] = {}
+    for tally in tallies:
+        for status, count in tally.items():
+            statuses[status] = statuses.get(status, 0) + count
+    ok = sum(count for status, count in statuses.items() if 200 <= status < 300)
+    return ok / seconds, statuses
+
+
+def make_jobs(stack: Any, jobs: int) -> list[str]:
+    """Jobs in state ``requested`` and a valid callback path for each."""
+    client = redis_of(stack)
+    store = JobStore(client)
+    secret = stack.env["CALLBACK_SECRET"]
+    paths = []
+    try:
+        for n in range(jobs):
+            job_id = f"bench{n:06d}"
+            store.create(
+                job_id,
+                export_key=f"hook-{n}@example.com",
+                account="sandbox",
+                options=ExportOptions(),
+                deadline_seconds=3600,
+            )
+            store.transition(job_id, State.REQUESTED, attempt=1, waiting_until=time.time() + 3600)
+            token = callback_token.issue(job_id, 1, secret=secret, ttl=3600)
+            paths.append(f"/callbacks/{token}")
+    finally:
+        client.close()
+    return paths
+
+
+def main(seconds: float = SECONDS) -> dict[str, Any]:
+    results: dict[str, list[float]] = {"webhook": [], "bare": []}
+    statuses: dict[str, dict[int, int]] = {"webhook": {}, "bare": {}}
+    with bench_stack(workers=0) as stack:
+        paths = make_jobs(stack, JOBS)
+        webhook_port = int(stack.webhook_url.rsplit(":", 1)[1])
+        bare_port = free_port()
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare_app", str(bare_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{bare_port}/healthz")
+            for _ in range(ROUNDS):
+                for side, port in (("webhook", webhook_port), ("bare", bare_port)):
+                    rate, seen = load(port, paths, seconds)
+                    results[side].append(rate)
+                    for status, count in seen.items():
+                        statuses[side][status] = statuses[side].get(status, 0) + count
+        finally:
+            os.killpg(bare.pid, signal.SIGTERM)
+            bare.wait(timeout=15)
+
+    rows: list[dict[str, Any]] = []
+    for side in ("webhook", "bare"):
+        non2xx = sum(c for s, c in statuses[side].items() if not 200 <= s < 300)
+        rows.append(
+            {
+                "endpoint": side,
+                **{f"round{i + 1}_per_s": round(r, 1) for i, r in enumerate(results[side])},
+                "mean_per_s": round(sum(results[side]) / len(results[side]), 1),
+                "non_2xx": non2xx,
+            }
+        )
+    ratio = rows[0]["mean_per_s"] / rows[1]["mean_per_s"]
+    verdict = "met" if ratio >= GOAL else "MISSED"
+    summary = (
+        f"webhook_throughput: {rows[0]['mean_per_s']:,.0f} callbacks/s vs bare "
+        f"{rows[1]['mean_per_s']:,.0f} req/s = {100 * ratio:.0f}% (goal >= {100 * GOAL:.0f}%: "
+        f"{verdict}); gunicorn gthread 2x4, {LOADERS}x{CONNECTIONS} keep-alive connections"
+    )
+    return emit(
+        "webhook_throughput",
+        rows,
+        summary,
+        ratio=round(ratio, 3),
+        goal_met=ratio >= GOAL,
+    )
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else SECONDS)
