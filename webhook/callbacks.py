@@ -9,7 +9,6 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook.app import resources
 from worker import callback_token, metrics
-from worker.jobs import FINAL, State
 
 bp = Blueprint("callbacks", __name__)
 log = logging.getLogger("apsis.webhook")
@@ -22,10 +21,12 @@ FLOOD_WINDOW_SECONDS = 60
 
 
 def _error(status: int, error: str, detail: str) -> tuple[Response, int]:
+    g.callback_outcome = error
     return jsonify(error=error, detail=detail), status
 
 
 def _ok(status: str, job_id: str, http: int = 200) -> tuple[Response, int]:
+    g.callback_outcome = status
     return jsonify(status=status, job_id=job_id), http
 
 
@@ -67,32 +68,27 @@ def receive(token: str) -> tuple[Response, int]:
         except UnicodeEncodeError:
             return _error(422, "invalid", "'message' is not valid Unicode text")
 
-    job = res.jobs.find(claim.job_id)
-    if job is None:
+    outcome, entry = res.inbox.record(
+        job_key=res.jobs.key(claim.job_id),
+        job_id=claim.job_id,
+        attempt=claim.attempt,
+        code=code,
+        message=message,
+        flood_limit=FLOOD_LIMIT,
+        flood_window=FLOOD_WINDOW_SECONDS,
+    )
+    if outcome == "unknown":
         log.info("callback for an unknown job", extra={**ctx, "status": 404})
         return _error(404, "not_found", "no such job")
-    # Repeats answer 2xx (so APSIS stops retrying) but record nothing and resume nothing.
-    if job.state in FINAL:
-        return _ok("ignored", claim.job_id)
-    if claim.attempt != job.attempt:
-        return _ok("ignored", claim.job_id)
-    if code == 100 and job.state not in (State.QUEUED, State.REQUESTED):
-        return _ok("duplicate", claim.job_id)
-    if code != 100 and job.state == State.READY:
-        return _ok("duplicate", claim.job_id)
-
-    flood_key = f"apsis:flood:{claim.job_id}"
-    pipe = res.redis.pipeline(transaction=True)
-    pipe.incr(flood_key)
-    pipe.expire(flood_key, FLOOD_WINDOW_SECONDS, nx=True)
-    seen = int(pipe.execute()[0])
-    if seen > FLOOD_LIMIT:
+    if outcome in ("ignored", "duplicate"):
+        # Repeats answer 2xx (so APSIS stops retrying) but record nothing and resume nothing.
+        return _ok(outcome, claim.job_id)
+    if outcome == "flood":
         log.warning("callback flood refused", extra={**ctx, "status": 429})
         response, status = _error(429, "too_many_requests", "too many callbacks for this job")
         response.headers["Retry-After"] = str(FLOOD_WINDOW_SECONDS)
         return response, status
-
-    entry = res.inbox.append(job_id=claim.job_id, attempt=claim.attempt, code=code, message=message)
+    g.callback_outcome = "recorded"
     log.info("callback recorded", extra={**ctx, "code": code})
     return jsonify(status="recorded", job_id=claim.job_id, entry=entry), 202
 
@@ -100,9 +96,7 @@ def receive(token: str) -> tuple[Response, int]:
 @bp.after_request
 def count(response: Response) -> Response:
     """Count every answer by APSIS code and outcome (the answer's status or error name)."""
-    body = response.get_json(silent=True) if response.is_json else None
-    outcome = "error"
-    if isinstance(body, dict):
-        outcome = str(body.get("status") or body.get("error") or "error")
+    # The handler names its outcome; anything else (405, 413 from werkzeug...) by its status.
+    outcome = g.get("callback_outcome") or f"http_{response.status_code}"
     metrics.callback_received(g.get("callback_code"), outcome)
     return response

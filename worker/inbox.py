@@ -47,6 +47,28 @@ def _decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Callback:
     )
 
 
+# Everything the webhook asks of Redis for one callback, in one round trip (the webhook's
+# throughput is mostly Redis round trips). KEYS: job, flood counter, stream. ARGV: attempt,
+# code, message, received_at, flood limit, flood window (s), job id.
+# Returns {outcome[, entry id]}: unknown | ignored (ended, or an older attempt) | duplicate
+# (the job is already past what this callback reports) | flood | recorded.
+_RECORD = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'attempt')
+local state, attempt = f[1], f[2]
+if not state then return {'unknown'} end
+if state == 'done' or state == 'failed' or attempt ~= ARGV[1] then return {'ignored'} end
+local code = tonumber(ARGV[2])
+if code == 100 and state ~= 'queued' and state ~= 'requested' then return {'duplicate'} end
+if code ~= 100 and state == 'ready' then return {'duplicate'} end
+local seen = redis.call('INCR', KEYS[2])
+if seen == 1 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
+if seen > tonumber(ARGV[5]) then return {'flood'} end
+local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[7], 'attempt', ARGV[1],
+  'code', ARGV[2], 'message', ARGV[3], 'received_at', ARGV[4])
+return {'recorded', id}
+"""
+
+
 class Inbox:
     """Append and consume recorded callbacks."""
 
@@ -55,6 +77,30 @@ class Inbox:
         self.stream = stream
         self.group = group
         self._group_ready = False
+        self._record = client.register_script(_RECORD)
+
+    def record(
+        self,
+        *,
+        job_key: str,
+        job_id: str,
+        attempt: int,
+        code: int,
+        message: str,
+        flood_limit: int,
+        flood_window: int,
+    ) -> tuple[str, str | None]:
+        """Check the job and the flood limit and append the callback, atomically.
+
+        Returns (outcome, entry id if recorded); see _RECORD for the outcomes.
+        """
+        answer: Any = self._record(
+            keys=[job_key, f"apsis:flood:{job_id}", self.stream],
+            args=[attempt, code, message, repr(time.time()), flood_limit, flood_window, job_id],
+        )
+        outcome = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+        entry = answer[1] if len(answer) > 1 else None
+        return outcome, entry.decode() if isinstance(entry, bytes) else entry
 
     def append(self, *, job_id: str, attempt: int, code: int, message: str) -> str:
         """Record a callback durably; returns the entry id."""
