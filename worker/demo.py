@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -33,6 +34,8 @@ def _say(text: str) -> None:
 
 def run(*, keep: bool = False) -> int:
     """Start Redis, the sandbox, the webhook and a worker; export; summarise; stop all."""
+    # A SIGTERM (e.g. from `timeout`) unwinds through the finally below, so nothing is left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stack = LocalStack(storage_url=os.environ.get("STORAGE_URL", "file://./exports"))
     try:
         stack.start()
