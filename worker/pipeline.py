@@ -241,22 +241,12 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
         )
         return "verified" if applied else "duplicate"
     if callback.code == 200:
-        applied, state = rt.jobs.transition(
-            job.job_id,
-            State.READY,
-            attempt=job.attempt,
-            allowed_from=(State.QUEUED, State.REQUESTED, State.VERIFIED),
-            note="APSIS reported the export ready",
-            # ready_received_at: when the webhook recorded the callback (bench/resume_latency).
-            fields={
-                "download_url": callback.message,
-                "ready_entry": callback.entry_id,
-                "ready_received_at": repr(callback.received_at),
-            },
-        )
-        if applied or (state == State.READY and job.ready_entry == callback.entry_id):
+        # _ready_fast found the job past "ready" already: either this very entry made it
+        # ready and the consumer died before dispatching (send the fetch again), or it is
+        # a repeat (nothing to do).
+        if job.state == State.READY and job.ready_entry == callback.entry_id:
             dispatch(FETCH_TASK, [job.job_id])
-            log.info("export ready; fetch dispatched", extra=ctx)
+            log.info("export ready; fetch dispatched again", extra=ctx)
             return "ready"
         return "duplicate"
     # Any other code is APSIS reporting a failure. Its message is APSIS's free text, which
@@ -267,18 +257,14 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
         if rerequest(rt, job, reason, dispatch, logged_reason=logged):
             return "rerequested"
         return "duplicate"
-    applied, _ = rt.jobs.transition(
+    applied = fail(
+        rt,
         job.job_id,
-        State.FAILED,
+        reason,
+        logged_reason=logged,
         attempt=job.attempt,
         allowed_from=(State.QUEUED, State.REQUESTED, State.VERIFIED),
-        note=reason,
-        fields={"error": reason},
     )
-    if applied:
-        log.error("job failed", extra={**ctx, "reason": logged, "state": "failed"})
-        write_failure_manifest(rt, job.job_id, reason)
-        announce(rt, rt.jobs.get(job.job_id))
     return "failed" if applied else "duplicate"
 
 
@@ -530,13 +516,33 @@ def _result(job: Job) -> Result:
     )
 
 
-def fail(rt: Runtime, job_id: str, reason: str) -> bool:
-    """End the job as failed with ``reason``; leaves a failure manifest. False if it had ended."""
-    applied, _ = rt.jobs.transition(job_id, State.FAILED, note=reason, fields={"error": reason})
+def fail(
+    rt: Runtime,
+    job_id: str,
+    reason: str,
+    *,
+    logged_reason: str | None = None,
+    attempt: int | None = None,
+    allowed_from: tuple[State, ...] | None = None,
+) -> bool:
+    """End the job as failed with ``reason``: failure manifest, event, batch bookkeeping.
+
+    False if it had ended already (or, given ``attempt``, moved on to another attempt).
+    ``logged_reason`` replaces ``reason`` in the log when the reason quotes APSIS's text.
+    """
+    applied, _ = rt.jobs.transition(
+        job_id,
+        State.FAILED,
+        note=reason,
+        fields={"error": reason},
+        attempt=attempt,
+        allowed_from=allowed_from,
+    )
     if applied:
-        log.error("job failed", extra={"job_id": job_id, "reason": reason, "state": "failed"})
-        write_failure_manifest(rt, job_id, reason)
         job = rt.jobs.get(job_id)
+        extra = {"job_id": job_id, "batch_id": job.batch_id, "state": "failed"}
+        log.error("job failed", extra={**extra, "reason": logged_reason or reason})
+        write_failure_manifest(rt, job, reason)
         announce(rt, job)
         _after_end(rt, job.batch_id, None)
     return applied
@@ -551,8 +557,8 @@ def _after_end(rt: Runtime, batch_id: str | None, dispatch: Dispatch | None) -> 
         batches.on_job_end(rt, batch_id, dispatch)
 
 
-def write_failure_manifest(rt: Runtime, job_id: str, reason: str) -> None:
-    job = rt.jobs.get(job_id)
+def write_failure_manifest(rt: Runtime, job: Job, reason: str) -> None:
+    job_id = job.job_id
     body = manifest.build_failure_manifest(
         job, history=rt.jobs.history(job_id), reason=reason, failed_at=time.time()
     )

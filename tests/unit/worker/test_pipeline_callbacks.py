@@ -109,3 +109,22 @@ def test_backoff_honours_retry_after_and_caps() -> None:
     delays = [pipeline.backoff(n) for n in range(20)]
     assert all(0 < d <= pipeline.BACKOFF_CAP for d in delays)
     assert pipeline.backoff(1) <= 4 < pipeline.backoff(5)
+
+
+def test_a_batch_whose_last_job_fails_by_callback_is_finalized_at_once() -> None:
+    from worker import batches
+    from worker.batch_file import BatchItem
+
+    rt = make_runtime(APSIS_CLIENT_ID="id", APSIS_CLIENT_SECRET="secret")
+    batches.create(rt, "b1", [BatchItem("only@example.com")], options=ExportOptions())
+    pipeline.submit(rt, "only@example.com", options=ExportOptions(), job_id="b1-0", batch_id="b1")
+    for _ in range(pipeline.MAX_ATTEMPTS - 1):
+        rt.jobs.transition("b1-0", State.REQUESTED)
+        rt.jobs.transition("b1-0", State.QUEUED, new_attempt=True)
+    rt.jobs.transition("b1-0", State.REQUESTED)
+    sent = Dispatched()
+    rt.dispatch = sent
+    last = Callback("9-0", "b1-0", pipeline.MAX_ATTEMPTS, 500, "boom", 0.0)
+    assert pipeline.apply_callback(rt, last, Dispatched()) == "failed"
+    # Not left for the watchdog to notice minutes later: the batch is finalized now.
+    assert (batches.FINALIZE_TASK, ["b1"]) in sent
