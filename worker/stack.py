@@ -77,6 +77,8 @@ class LocalStack:
         self.webhook_url = ""
         self.redis_url = ""
         self._producer: Celery | None = None
+        #: The Celery task id of each job submitted through submit() (for diagnostics).
+        self.task_ids: dict[str, str] = {}
 
     @property
     def redis_kind(self) -> str:
@@ -212,12 +214,12 @@ class LocalStack:
     def submit(self, export_key: str, **kwargs: Any) -> str:
         """Enqueue ``apsis.export_profile`` the way another service would; returns the job id."""
         job_id = kwargs.pop("job_id", None) or secrets.token_hex(16)
-        self.producer.send_task(
+        self.task_ids[job_id] = self.producer.send_task(
             "apsis.export_profile",
             args=[export_key],
             kwargs={**kwargs, "job_id": job_id},
             queue="apsis",
-        )
+        ).id
         return job_id
 
     def sandbox_put(self, path: str, body: Any) -> None:

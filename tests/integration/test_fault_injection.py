@@ -275,6 +275,8 @@ def test_every_export_ends_exactly_once_through_faults(tmp_path: Path) -> None:
             keys, job_of, final, journal, exports, storage, client, jobs, chaos.disturbed
         )
         figures = _figures(keys, job_of, final, journal, exports, chaos, started, problems)
+        for lost in problems["lost"]:
+            figures += _whereabouts(stack, client, lost.split()[0])
         FIGURES.parent.mkdir(exist_ok=True)
         FIGURES.write_text(figures)
         print("\n" + figures)
@@ -412,6 +414,30 @@ def _check(
     if backlog:
         problems["inbox_backlog"].append(f"{backlog} callbacks never acknowledged")
     return problems
+
+
+def _whereabouts(stack: LocalStack, client: redis.Redis, job_id: str) -> str:
+    """Where a lost job's export_profile message is (queue, unacked, nowhere) and what the
+    logs say about its task: what a lost job's report needs to be diagnosed after the run."""
+    task_id = stack.task_ids.get(job_id, "?")
+    queued = [
+        json.loads(raw)["headers"].get("id")
+        for raw in retrying(lambda: client.lrange("apsis", 0, -1))
+    ]
+    unacked = {
+        tag.decode(): json.loads(raw)[0]["headers"].get("id")
+        for tag, raw in retrying(lambda: client.hgetall("unacked")).items()
+    }
+    index = dict(retrying(lambda: client.zrange("unacked_index", 0, -1, withscores=True)))
+    lines = [f"{job_id}: task {task_id}: queued {queued.count(task_id)}"]
+    for tag, found in unacked.items():
+        if found == task_id:
+            lines.append(f"  unacked as {tag} since {index.get(tag.encode())}")
+    for log in sorted(stack.log_dir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if task_id in line or job_id in line:
+                lines.append(f"  {log.name}: {line[:400]}")
+    return "\n".join(lines) + "\n"
 
 
 def _figures(
