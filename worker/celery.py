@@ -10,6 +10,7 @@ from celery import Celery, bootsteps, signals, signature
 
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
+from worker.inflight import celery_queue
 from worker.logs import configure_logging
 
 #: Task modules, named as strings: worker/ never imports tasks/.
@@ -26,11 +27,18 @@ def task_modules() -> list[str]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings; each overridable by its environment variable (see the README)."""
-    queue = os.environ.get("CELERY_QUEUE", "apsis")
+    queue = celery_queue()
     return {
         "broker_url": settings.REDIS_URL,
+        # kombu's Redis transport, taking messages so that a lost connection loses none.
+        "broker_transport": "worker.broker:Transport",
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT},
+        "broker_transport_options": {
+            "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT,
+            # Look for unacknowledged messages past the visibility timeout every 10 s, not
+            # every 10th time (100 s): a killed worker's tasks come back that much sooner.
+            "unacked_restore_throttle": 1,
+        },
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import pipeline, retention
+from worker import inflight, pipeline, retention
 from worker.jobs import State
 from worker.runtime import Runtime
 
@@ -31,6 +31,8 @@ class SweepReport:
     chains_resumed: list[str] = field(default_factory=list)
     #: Jobs and batches deleted under RETENTION_DAYS.
     deleted: list[str] = field(default_factory=list)
+    #: Task messages a lost broker connection left in flight, put back on the queue.
+    requeued_messages: int = 0
 
 
 def try_sweep(
@@ -98,8 +100,15 @@ def sweep(
 
     _sweep_batches(rt, dispatch, now, report)
     report.deleted = retention.sweep(rt, now=now)
+    report.requeued_messages = inflight.recover(rt.redis, inflight.celery_queue())
 
-    if report.rerequested or report.failed or report.redispatched or report.chains_resumed:
+    if (
+        report.rerequested
+        or report.failed
+        or report.redispatched
+        or report.chains_resumed
+        or report.requeued_messages
+    ):
         log.warning(
             "watchdog sweep acted",
             extra={
@@ -107,7 +116,8 @@ def sweep(
                 "reason": (
                     f"rerequested={len(report.rerequested)} failed={len(report.failed)} "
                     f"redispatched={len(report.redispatched)} "
-                    f"chains={len(report.chains_resumed)}"
+                    f"chains={len(report.chains_resumed)} "
+                    f"requeued_messages={report.requeued_messages}"
                 ),
             },
         )

@@ -1,0 +1,161 @@
+"""Taking task messages from Redis so that a lost connection loses none (worker/broker.py).
+
+kombu alone takes a message with BRPOP and records it as unacknowledged afterwards; a Redis
+restart or a killed worker between the two loses the message, and a failed acknowledgement
+leaves a worker that no longer consumes. These tests run our transport against a real Redis
+and real Celery workers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import kombu
+import pytest
+import redis
+from fault_support import retrying
+
+from worker import inflight
+from worker.jobs import JobStore
+from worker.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "broker-test"
+TRANSPORT = "worker.broker:Transport"
+
+
+def _publish(conn: kombu.Connection, body: dict[str, Any], **options: Any) -> None:
+    queue = kombu.Queue(QUEUE, routing_key=QUEUE)
+    with conn.Producer() as producer:
+        producer.publish(body, routing_key=QUEUE, declare=[queue], serializer="json", **options)
+
+
+def _consume_one(conn: kombu.Connection) -> list[Any]:
+    got: list[Any] = []
+    queue = kombu.Queue(QUEUE, routing_key=QUEUE)
+    with conn.Consumer(queue, callbacks=[lambda body, message: got.append(body)]):
+        conn.drain_events(timeout=5)
+    return got
+
+
+def test_a_taken_message_stays_in_flight_until_it_is_recorded_as_unacknowledged(
+    redis_db: redis.Redis, redis_url: str
+) -> None:
+    seen: list[tuple[Any, int, int]] = []
+    with kombu.Connection(redis_url, transport=TRANSPORT) as conn:
+        _publish(conn, {"n": 1})
+
+        def on_message(body: Any, message: kombu.Message) -> None:
+            # While the worker handles it: recorded as unacknowledged, not yet out of flight.
+            seen.append(
+                (body, redis_db.llen(inflight.inflight_key(QUEUE)), redis_db.hlen("unacked"))
+            )
+
+        queue = kombu.Queue(QUEUE, routing_key=QUEUE)
+        with conn.Consumer(queue, callbacks=[on_message], accept=["json"]):
+            conn.drain_events(timeout=5)
+
+        assert seen == [({"n": 1}, 1, 1)]
+        # Delivered: out of the in-flight list, off the queue, unacknowledged until acked.
+        assert redis_db.llen(inflight.inflight_key(QUEUE)) == 0
+        assert redis_db.llen(QUEUE) == 0
+        assert redis_db.hlen("unacked") == 1
+
+
+def test_a_message_a_lost_connection_left_in_flight_goes_back_on_the_queue(
+    redis_db: redis.Redis, redis_url: str
+) -> None:
+    with kombu.Connection(redis_url, transport=TRANSPORT) as conn:
+        _publish(conn, {"n": 2})
+        # A consumer took it (BLMOVE) and lost its connection before recording it.
+        redis_db.lmove(QUEUE, inflight.inflight_key(QUEUE), "RIGHT", "LEFT")
+        assert redis_db.llen(QUEUE) == 0
+
+        # The first sweep only notes it (a live consumer would have recorded it by the next).
+        assert inflight.recover(redis_db, QUEUE) == 0
+        assert inflight.recover(redis_db, QUEUE) == 1
+        assert redis_db.llen(inflight.inflight_key(QUEUE)) == 0
+
+        assert _consume_one(conn) == [{"n": 2}]
+        # Nothing left to recover: a message delivered between two sweeps is not requeued.
+        assert inflight.recover(redis_db, QUEUE) == 0
+        assert redis_db.llen(QUEUE) == 0
+
+
+def test_a_message_sent_with_a_priority_is_moved_where_workers_take_it(
+    redis_db: redis.Redis, redis_url: str
+) -> None:
+    # A caller's plain kombu (as Celery's send_task(..., priority=5) uses) files it apart.
+    with kombu.Connection(redis_url) as plain:
+        _publish(plain, {"n": 3}, priority=5)
+    assert redis_db.llen(QUEUE) == 0
+    assert inflight.recover(redis_db, QUEUE) == 1
+    with kombu.Connection(redis_url, transport=TRANSPORT) as conn:
+        assert _consume_one(conn) == [{"n": 3}]
+
+
+@pytest.mark.timeout(300)
+def test_workers_keep_taking_tasks_through_redis_restarts(tmp_path: Path) -> None:
+    """Three Redis restarts while two workers run 200 exports: every job is recorded, and
+    both workers still take tasks afterwards (neither is left connected to nothing)."""
+    stack = LocalStack(
+        redis_url="",
+        redis_appendonly=True,
+        storage_url=f"file://{tmp_path}/exports",
+        workers=2,
+        concurrency=2,
+        env={"WATCHDOG_INTERVAL": "1", "CELERY_VISIBILITY_TIMEOUT": "30", "LOG_LEVEL": "INFO"},
+        log_dir=tmp_path,
+    )
+    try:
+        stack.start()
+        client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+
+        def submit(wave: str, count: int) -> list[str]:
+            ids = [f"{wave}{n:05d}".ljust(32, "0") for n in range(count)]
+            for job_id in ids:
+                retrying(lambda j=job_id: stack.submit(f"{j}@example.com", job_id=j))
+            return ids
+
+        first = submit("a", 200)
+        restarts = threading.Thread(
+            target=lambda: [(time.sleep(1.5), stack.restart_redis(down_for=1.0)) for _ in range(3)],
+            daemon=True,
+        )
+        restarts.start()
+        restarts.join(timeout=60)
+        assert not restarts.is_alive()
+        second = submit("b", 40)
+
+        jobs = JobStore(client)
+        deadline = time.monotonic() + 150
+        missing = first + second
+        while missing and time.monotonic() < deadline:
+            missing = [j for j in missing if retrying(lambda j=j: jobs.find(j)) is None]
+            time.sleep(0.5)
+        assert not missing, f"{len(missing)} jobs never recorded, e.g. {missing[:3]}"
+
+        # Each worker recorded jobs of the wave sent after the restarts.
+        for n in (1, 2):
+            lines = (tmp_path / f"worker-{n}.log").read_text().splitlines()
+            took = {
+                record["job_id"]
+                for record in map(_json_or_none, lines)
+                if record and record.get("msg") == "job created"
+            }
+            assert took & set(second), f"worker {n} took no task after the restarts"
+    finally:
+        stack.stop()
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -1,0 +1,70 @@
+"""Task messages between the broker's queue and a worker's "unacknowledged" record.
+
+kombu's Redis transport takes a message off the queue with BRPOP and only then records it as
+unacknowledged (a second round trip). If the connection dies in between (Redis restarts,
+the worker is killed, or Redis exits before sending the BRPOP reply), the message is in
+neither place: lost. Our workers take messages with BLMOVE instead, into an in-flight list
+(``worker.broker``), and remove them from it once recorded. The watchdog sweep puts back on
+the queue whatever stayed in that list across two sweeps: no live consumer leaves a message
+there for longer than a few milliseconds. It also moves messages sent with a Celery
+``priority`` (kombu keeps them in lists of their own) to the end of the queue.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: The Celery queue our workers consume (and our tasks are routed to).
+DEFAULT_QUEUE = "apsis"
+
+#: Seen in the previous sweep, still in flight now: back on the queue (at the consuming end).
+RECOVER = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local restored = 0
+local current = {}
+for _, item in ipairs(items) do
+  local digest = redis.sha1hex(item)
+  if redis.call('SISMEMBER', KEYS[3], digest) == 1 then
+    redis.call('LREM', KEYS[1], 1, item)
+    redis.call('RPUSH', KEYS[2], item)
+    restored = restored + 1
+  else
+    current[#current + 1] = digest
+  end
+end
+redis.call('DEL', KEYS[3])
+for _, digest in ipairs(current) do
+  redis.call('SADD', KEYS[3], digest)
+end
+for i = 4, #KEYS do
+  while redis.call('LMOVE', KEYS[i], KEYS[2], 'RIGHT', 'LEFT') do
+    restored = restored + 1
+  end
+end
+return restored
+"""
+
+#: kombu's lists for messages sent with a Celery ``priority`` (lower than the default's, as
+#: Redis counts them); our workers read only the default list, where the sweep moves them.
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+
+
+def celery_queue() -> str:
+    """The queue's name: CELERY_QUEUE, else ``apsis``."""
+    return os.environ.get("CELERY_QUEUE", DEFAULT_QUEUE)
+
+
+def inflight_key(queue: str) -> str:
+    """The list a message waits in between BLMOVE and its unacknowledged record."""
+    return f"{queue}:inflight"
+
+
+def recover(client: Any, queue: str) -> int:
+    """Requeue messages still in flight since the previous call, and move messages sent with
+    a priority to the queue our workers read; returns how many moved."""
+    keys = [inflight_key(queue), queue, f"{inflight_key(queue)}:seen"]
+    keys += [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+    restored: int = client.eval(RECOVER, len(keys), *keys)
+    return restored
