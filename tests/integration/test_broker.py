@@ -9,6 +9,7 @@ and real Celery workers.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ import redis
 from fault_support import retrying
 
 from worker import inflight
+from worker.embedded import EmbeddedRedis
 from worker.jobs import JobStore
+from worker.runtime import redis_client
 from worker.stack import LocalStack
 
 pytestmark = pytest.mark.integration
@@ -155,3 +158,24 @@ def _json_or_none(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def test_a_worker_redis_command_rides_out_a_restart_and_the_webhook_one_does_not() -> None:
+    """Workers retry a command through a Redis restart (about 3 s); the webhook's client
+    fails at once, so it can answer 503 and let APSIS retry."""
+    server = EmbeddedRedis(url="", appendonly=True)
+    server.start()
+    try:
+        worker_client = redis_client(server.url, ride_out=True)
+        webhook_client = redis_client(server.url)
+        worker_client.set("k", "before")
+        webhook_client.get("k")
+        server.kill(graceful=True)
+        back = threading.Timer(1.0, server.start_again)
+        back.start()
+        with pytest.raises(redis.ConnectionError):
+            webhook_client.get("k")
+        assert worker_client.get("k") == b"before"
+        back.join()
+    finally:
+        server.stop()
