@@ -208,6 +208,13 @@ def _resolve_host(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
+def max_lateness(limit: Limit) -> float:
+    """Seconds a paced request may leave after its slot: half the room the safety margin
+    leaves in one window (``count`` slots span ``period / (1 - margin)``), the other half
+    being for jitter on the way. Later, it takes a new slot instead of crowding the next."""
+    return (limit.interval * limit.count - limit.period) / 2
+
+
 class ApsisClient:
     """Talks to one APSIS One account."""
 
@@ -345,6 +352,10 @@ class ApsisClient:
         if send_at is not None:
             self.tokens.get()  # a token fetch must not make this request late
             time.sleep(max(0.0, send_at - time.monotonic()))
+            late = time.monotonic() - send_at
+            if late > max_lateness(self._limits.export):
+                # Sent now, it would arrive nearer the next requests than the limit allows.
+                raise RateLimited(f"missed its export slot by {late * 1000:.0f} ms", retry_after=0)
         try:
             response = self._authorized(send, "export request")
         except requests.RequestException as exc:

@@ -239,6 +239,10 @@ def _send(rt: Runtime, job_id: str, slot_at: float, dispatch_later: DispatchLate
     try:
         pipeline.request(rt, job_id, slot_at=slot_at)  # the slot reserved for this request
     except pipeline.RetryLater as later:
+        log.info(
+            "batch request rescheduled",
+            extra={"job_id": job_id, "reason": later.reason, "retry_in": later.delay},
+        )
         dispatch_later(pipeline.REQUEST_TASK, [job_id], later.delay)
     except Exception:
         # The job stays queued; the watchdog dispatches its request task again.

@@ -57,11 +57,16 @@ class LocalStack:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         redis_appendonly: bool = False,
+        sandbox_process: bool = False,
     ) -> None:
         # redis_url="" forces a redis-server of our own (one the tests may restart).
         self._redis = EmbeddedRedis(url=redis_url, appendonly=redis_appendonly)
         self._storage_url = storage_url
         self._sandbox_config = sandbox_config
+        #: Run the sandbox as a process of its own (as APSIS is), so its clock is not paused
+        #: by this process's work; then ``self.sandbox`` (its in-process state) is None.
+        self._sandbox_process = sandbox_process
+        self.sandbox_proc: subprocess.Popen[bytes] | None = None
         self._workers = workers
         self._concurrency = concurrency
         self._webhook_workers = webhook_workers
@@ -90,9 +95,12 @@ class LocalStack:
     def start(self) -> LocalStack:
         try:
             self.redis_url = self._redis.start()
-            server_mod = importlib.import_module("sandbox.server")
-            self.sandbox = server_mod.SandboxServer(config=self._sandbox_config)
-            self.apsis_url = self.sandbox.start()
+            if self._sandbox_process:
+                self.apsis_url = f"http://127.0.0.1:{free_port()}"
+            else:
+                server_mod = importlib.import_module("sandbox.server")
+                self.sandbox = server_mod.SandboxServer(config=self._sandbox_config)
+                self.apsis_url = self.sandbox.start()
             port = free_port()
             self.webhook_url = f"http://127.0.0.1:{port}"
             self.env = {
@@ -110,6 +118,16 @@ class LocalStack:
                 "PYTHONUNBUFFERED": "1",
                 **self._extra_env,
             }
+            if self._sandbox_process:
+                port_arg = self.apsis_url.rsplit(":", 1)[1]
+                self.sandbox_proc = self._spawn(
+                    "sandbox", [sys.executable, "-m", "worker.cli", "sandbox", "--port", port_arg]
+                )
+                wait_http(f"{self.apsis_url}/_sandbox/journal")
+                if self._sandbox_config is not None:
+                    requests.patch(
+                        f"{self.apsis_url}/_sandbox/config", json=self._sandbox_config, timeout=5
+                    ).raise_for_status()
             self.webhook = self._spawn(
                 "webhook",
                 [
@@ -168,7 +186,9 @@ class LocalStack:
         self._redis.start_again()
 
     def stop(self) -> None:
-        processes = [p for p in [self.webhook, *self.worker_processes] if p is not None]
+        processes = [
+            p for p in [self.webhook, *self.worker_processes, self.sandbox_proc] if p is not None
+        ]
         for process in processes:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -182,6 +202,7 @@ class LocalStack:
         self.worker_processes = []
         self.worker_metrics_ports = []
         self.webhook = None
+        self.sandbox_proc = None
         if self.sandbox is not None:
             self.sandbox.stop()
             self.sandbox = None

@@ -27,6 +27,7 @@ from worker.apsis import (
     ApsisClient,
     DownloadPolicy,
     Limits,
+    max_lateness,
     retry_after_seconds,
 )
 from worker.errors import (
@@ -35,6 +36,7 @@ from worker.errors import (
     DownloadRefused,
     DownloadTooLarge,
     PermanentApsisError,
+    RateLimited,
     RetryableApsisError,
 )
 from worker.ratelimit import Limit
@@ -752,3 +754,17 @@ def http_date(timestamp: float) -> str:
 )
 def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
     assert retry_after_seconds(value, now=NOW) == seconds
+
+
+def test_a_request_that_missed_its_slot_takes_a_new_one_instead_of_crowding_the_next(
+    client: ApsisClient, state: SandboxState
+) -> None:
+    args = ("ABC-123", CALLBACK_URL)
+    options = {"history": False, "definitions": False, "merged": False, "paced": False}
+    late = max_lateness(client.limits.export) + 0.05
+    with pytest.raises(RateLimited, match="missed its export slot"):
+        client.request_export(*args, **options, send_at=time.monotonic() - late)
+    assert state.journal.entries(kind="export") == []
+
+    client.request_export(*args, **options, send_at=time.monotonic() + 0.01)
+    assert statuses(state, "export") == [202]
