@@ -759,12 +759,21 @@ def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
 def test_a_request_that_missed_its_slot_takes_a_new_one_instead_of_crowding_the_next(
     client: ApsisClient, state: SandboxState
 ) -> None:
-    args = ("ABC-123", CALLBACK_URL)
-    options = {"history": False, "definitions": False, "merged": False, "paced": False}
+    def request(send_at: float) -> None:
+        client.request_export(
+            "ABC-123",
+            CALLBACK_URL,
+            history=False,
+            definitions=False,
+            merged=False,
+            paced=False,
+            send_at=send_at,
+        )
+
     late = max_lateness(client.limits.export) + 0.05
     with pytest.raises(RateLimited, match="missed its export slot"):
-        client.request_export(*args, **options, send_at=time.monotonic() - late)
+        request(time.monotonic() - late)
     assert state.journal.entries(kind="export") == []
 
-    client.request_export(*args, **options, send_at=time.monotonic() + 0.01)
+    request(time.monotonic() + 0.01)
     assert statuses(state, "export") == [202]
