@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     #: Token requests per minute allowed for the account (documented: 10).
     APSIS_TOKEN_RATE: float = Field(10.0, gt=0)
     #: Fraction of every APSIS rate the pool leaves unused, against arrival jitter (0-0.5).
-    APSIS_RATE_MARGIN: float = Field(0.04, ge=0, le=0.5)
+    APSIS_RATE_MARGIN: float = Field(0.045, ge=0, le=0.5)
     #: More accounts as JSON: {"apac": {"base_url": "https://api-apac.apsis.one",
     #: "client_id": "...", "client_secret": "...", "export_rate": 1, ...}, ...}.
     APSIS_ACCOUNTS: dict[str, AccountSettings] = Field(default_factory=dict)
