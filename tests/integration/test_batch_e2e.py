@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 
 #: The scaled-down quota the sandbox enforces in these tests (export requests per second).
 EXPORT_RATE = 20
-#: 429s tolerated in the batch of 1,000 (see the test).
-MAX_REFUSED = 1
+#: 429s tolerated in the batch of 1,000 (see the test): 0.5%. Today's runs had 0 to 2; a
+#: pool that ignored the limit, or paced at it without a margin, meets far more.
+MAX_REFUSED = 5
 
 
 def _scaled_stack(make_stack: StackFactory, *, workers: int) -> LocalStack:
@@ -73,8 +74,8 @@ def test_a_batch_of_1000_runs_at_the_quota(make_stack: StackFactory, redis_db: r
     exports = [e for e in journal if e["kind"] == "export"]
     refused = [(e["kind"], e["path"]) for e in journal if e["status"] == 429]
     # Paced 4.5% under the limit, requests leave >= 52 ms apart; on this shared 2-core host
-    # their arrival at the sandbox still jitters past that room now and then (1 in about a
-    # third of full-suite runs). A refused request is retried and done (asserted above).
+    # their arrival at the sandbox still jitters past that room now and then (1 or 2 429s in
+    # 2 of 6 full-suite runs). A refused request is retried and done (asserted above).
     assert len(refused) <= MAX_REFUSED, refused
     accepted = sorted(e["ts"] for e in exports if e["status"] == 202)
     assert len(accepted) == 1000
