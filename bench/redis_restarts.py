@@ -13,13 +13,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 import requests
 
 from worker.jobs import JobStore
-from worker.stack import LocalStack
+from worker.stack import LocalStack, queued_task_ids, retrying, unacked_task_ids
 
 ENV = {
     "APSIS_EXPORT_RATE": "400",
@@ -34,17 +33,6 @@ SANDBOX = {
     "callback_retries": 12,
     "callback_backoff": 0.5,
 }
-
-
-def _retrying(call: Any, attempts: int = 60) -> Any:
-    for n in range(attempts):
-        try:
-            return call()
-        except (redis.ConnectionError, redis.TimeoutError):
-            if n == attempts - 1:
-                raise
-            time.sleep(0.25)
-    return None
 
 
 def main(exports: int = 1500, restarts: int = 6) -> None:
@@ -63,7 +51,7 @@ def main(exports: int = 1500, restarts: int = 6) -> None:
         client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
         ids = [f"r{n:05d}".ljust(32, "0") for n in range(exports)]
         for job_id in ids:
-            _retrying(lambda j=job_id: stack.submit(f"{j}@example.com", job_id=j))
+            retrying(lambda j=job_id: stack.submit(f"{j}@example.com", job_id=j), attempts=60)
         started = time.monotonic()
         for _ in range(restarts):
             time.sleep(2.0)
@@ -72,11 +60,13 @@ def main(exports: int = 1500, restarts: int = 6) -> None:
         missing = ids
         deadline = time.monotonic() + 150
         while missing and time.monotonic() < deadline:
-            missing = [j for j in missing if _retrying(lambda j=j: jobs.find(j)) is None]
+            missing = [
+                j for j in missing if retrying(lambda j=j: jobs.find(j), attempts=60) is None
+            ]
             time.sleep(1.0)
         recorded_in = time.monotonic() - started
-        queued = {json.loads(raw)["headers"]["id"] for raw in client.lrange("apsis", 0, -1)}
-        unacked = {json.loads(v)[0]["headers"]["id"] for v in client.hgetall("unacked").values()}
+        queued = set(queued_task_ids(client))
+        unacked = set(unacked_task_ids(client).values())
         waiting = [j for j in missing if stack.task_ids[j] in queued | unacked]
         text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.log"))
         crashed = text.count("Unrecoverable error")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import secrets
 import signal
@@ -19,10 +20,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import redis
 import requests
 from celery import Celery
 
 from worker.embedded import EmbeddedRedis, free_port
+from worker.inflight import celery_queue
 
 #: Seconds to wait for a started process to answer.
 START_TIMEOUT = 30.0
@@ -251,3 +254,27 @@ class LocalStack:
         answer.raise_for_status()
         entries: list[dict[str, Any]] = answer.json()
         return entries
+
+
+def retrying(call: Any, *, attempts: int = 40, pause: float = 0.25) -> Any:
+    """Call ``call()`` again on Redis connection errors (for harnesses that restart Redis)."""
+    for n in range(attempts):
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if n == attempts - 1:
+                raise
+            time.sleep(pause)
+    return None
+
+
+def queued_task_ids(client: redis.Redis) -> list[str]:
+    """Celery task ids of the messages waiting on our queue, in queue order."""
+    raws: list[bytes] = client.lrange(celery_queue(), 0, -1)  # type: ignore[assignment]
+    return [json.loads(raw)["headers"].get("id") for raw in raws]
+
+
+def unacked_task_ids(client: redis.Redis) -> dict[str, str]:
+    """Celery task ids of the messages taken but not yet acknowledged, by delivery tag."""
+    raws: dict[bytes, bytes] = client.hgetall("unacked")  # type: ignore[assignment]
+    return {tag.decode(): json.loads(raw)[0]["headers"].get("id") for tag, raw in raws.items()}

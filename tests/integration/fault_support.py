@@ -154,17 +154,5 @@ def consumer_pending(client: redis.Redis, stream: str, group: str) -> dict[str, 
     }
 
 
-def retrying(call: Any, *, attempts: int = 40, pause: float = 0.25) -> Any:
-    """Call ``call()`` again on Redis connection errors (the suite restarts Redis)."""
-    for n in range(attempts):
-        try:
-            return call()
-        except (redis.ConnectionError, redis.TimeoutError):
-            if n == attempts - 1:
-                raise
-            time.sleep(pause)
-    return None
-
-
 def count_by(items: list[dict[str, Any]], *names: str) -> Counter[tuple[Any, ...]]:
     return Counter(tuple(item.get(name) for name in names) for item in items)

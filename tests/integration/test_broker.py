@@ -17,13 +17,12 @@ from typing import Any
 import kombu
 import pytest
 import redis
-from fault_support import retrying
 
 from worker import inflight
 from worker.embedded import EmbeddedRedis
 from worker.jobs import JobStore
 from worker.runtime import redis_client
-from worker.stack import LocalStack
+from worker.stack import LocalStack, retrying
 
 pytestmark = pytest.mark.integration
 

@@ -42,13 +42,12 @@ from fault_support import (
     expire_issued_tokens,
     fault_config,
     leased_jobs,
-    retrying,
 )
 
 from worker import callback_token
 from worker.inbox import GROUP, STREAM
 from worker.jobs import FINAL, Job, JobStore, State
-from worker.stack import LocalStack
+from worker.stack import LocalStack, queued_task_ids, retrying, unacked_task_ids
 from worker.storage import Storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -420,14 +419,8 @@ def _whereabouts(stack: LocalStack, client: redis.Redis, job_id: str) -> str:
     """Where a lost job's export_profile message is (queue, unacked, nowhere) and what the
     logs say about its task: what a lost job's report needs to be diagnosed after the run."""
     task_id = stack.task_ids.get(job_id, "?")
-    queued = [
-        json.loads(raw)["headers"].get("id")
-        for raw in retrying(lambda: client.lrange("apsis", 0, -1))
-    ]
-    unacked = {
-        tag.decode(): json.loads(raw)[0]["headers"].get("id")
-        for tag, raw in retrying(lambda: client.hgetall("unacked")).items()
-    }
+    queued = retrying(lambda: queued_task_ids(client))
+    unacked = retrying(lambda: unacked_task_ids(client))
     index = dict(retrying(lambda: client.zrange("unacked_index", 0, -1, withscores=True)))
     lines = [f"{job_id}: task {task_id}: queued {queued.count(task_id)}"]
     for tag, found in unacked.items():
