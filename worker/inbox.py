@@ -167,3 +167,9 @@ class Inbox:
     def announce(self, event: dict[str, str]) -> None:
         """Publish a completion event for other services (approximately trimmed)."""
         self._client.xadd(EVENTS_STREAM, event, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+
+    def forget_events_before(self, cutoff: float) -> int:
+        """Delete the events announced before ``cutoff`` (unix seconds): retention deletes
+        the jobs they name, so the feed must not keep naming them. Returns how many."""
+        minid = f"{max(int(cutoff * 1000), 0)}-0"
+        return int(self._client.xtrim(EVENTS_STREAM, minid=minid, approximate=False))

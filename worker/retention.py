@@ -65,6 +65,8 @@ def sweep(rt: Runtime, *, now: float | None = None) -> list[str]:
             log.error(
                 "retention: could not delete", extra={"batch_id": batch_id, "reason": str(exc)}
             )
+    # The events stream names jobs and batches too: it keeps nothing older than they may.
+    rt.inbox.forget_events_before(cutoff)
     return deleted
 
 
@@ -122,6 +124,7 @@ def delete_batch(rt: Runtime, batch_id: str, *, now: float, reason: str) -> None
         batches.items_key(batch_id),
         batches.index_key(batch_id),
         batches.linked_key(batch_id),
+        batches.refused_key(batch_id),
     ]
     record = {
         "kind": "batch",

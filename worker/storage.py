@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import obstore
 from obstore.exceptions import BaseError
@@ -45,6 +46,10 @@ RETRY_TIMEOUT_SECONDS = 30
 CONNECT_TIMEOUT_SECONDS = 5
 #: Longest error detail kept in a StorageError message, in characters.
 _MAX_DETAIL_CHARS = 300
+#: With file:// storage, objects (personal data) and the folders holding them are this
+#: user's alone, whatever the umask.
+LOCAL_FILE_MODE = 0o600
+LOCAL_DIR_MODE = 0o700
 
 _T = TypeVar("_T")
 
@@ -73,12 +78,15 @@ class Storage:
         self.url = url
         self._ring = encryption
         self._local_root: Path | None = None
+        new_root = urlsplit(url).scheme == "file" and not _local_path(url).exists()
         self._store: ObjectStore = _guard(
             f"cannot open storage {_safe_url(url)}",
             lambda: _open(url, sse=sse, sse_kms_key_id=sse_kms_key_id),
         )
         if isinstance(self._store, LocalStore) and self._store.prefix is not None:
-            self._local_root = Path(self._store.prefix)
+            root = self._local_root = Path(self._store.prefix)
+            if new_root:
+                _guard(f"cannot open storage {_safe_url(url)}", lambda: root.chmod(LOCAL_DIR_MODE))
         # Local files carry no attributes: obstore refuses a Content-Type there.
         self._attributes = not isinstance(self._store, LocalStore)
 
@@ -101,6 +109,7 @@ class Storage:
         """Upload ``source`` as ``key``; big files go multipart with bounded memory."""
 
         def put() -> None:
+            self._private_folders(key)
             with source.open("rb") as f:
                 ring = self._ring
                 body: Any = f
@@ -115,17 +124,44 @@ class Storage:
                     chunk_size=UPLOAD_PART_BYTES,
                     max_concurrency=UPLOAD_CONCURRENCY,
                 )
+            self._private_file(key)
 
         _guard(f"cannot store {self.location(key)}", put)
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/json") -> None:
         """Store ``data`` as ``key`` (atomically: readers see the old object or the new one)."""
-        _guard(
-            f"cannot store {self.location(key)}",
-            lambda: obstore.put(
+
+        def put() -> None:
+            self._private_folders(key)
+            obstore.put(
                 self._store, key, self._seal(data), attributes=self._content_type(content_type)
-            ),
-        )
+            )
+            self._private_file(key)
+
+        _guard(f"cannot store {self.location(key)}", put)
+
+    def _private_folders(self, key: str) -> None:
+        """file://: make (or restrict) the folders down to ``key`` LOCAL_DIR_MODE, before
+        LocalStore writes its staging file there (it creates folders with the umask's mode)."""
+        if self._local_root is None:
+            return
+        parts = Path(key).parent.parts
+        if any(part in ("", ".", "..") or part.startswith("/") for part in parts):
+            return  # not a key LocalStore accepts: it refuses it itself
+        folder = self._local_root
+        for part in parts:
+            folder = folder / part
+            try:
+                folder.mkdir(mode=LOCAL_DIR_MODE)
+            except FileExistsError:
+                if folder.stat().st_mode & 0o777 != LOCAL_DIR_MODE:
+                    folder.chmod(LOCAL_DIR_MODE)
+
+    def _private_file(self, key: str) -> None:
+        """file://: the object just written (renamed into place with the umask's mode) is
+        made LOCAL_FILE_MODE; its folder already kept others out meanwhile."""
+        if self._local_root is not None:
+            os.chmod(self._local_root / key, LOCAL_FILE_MODE)
 
     def _seal(self, data: bytes) -> bytes:
         return data if self._ring is None else b"".join(encrypt_stream(self._ring, [data]))
@@ -276,6 +312,11 @@ def _s3_client_options() -> ClientConfig:
         "allow_http": urlsplit(endpoint).scheme == "http",
         "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_SECONDS),
     }
+
+
+def _local_path(url: str) -> Path:
+    """The folder a file:// URL names."""
+    return Path(url2pathname(urlsplit(url).path))
 
 
 def _safe_url(url: str) -> str:

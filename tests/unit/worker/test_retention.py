@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
 from job_support import make_runtime, run_job
 
-from worker import retention, watchdog
+from worker import pipeline, retention, watchdog
+from worker.inbox import EVENTS_STREAM
 from worker.jobs import State
 from worker.runtime import Runtime
 
@@ -75,3 +78,26 @@ def test_a_sweep_that_died_after_deleting_objects_still_records_them() -> None:
     assert retention.sweep(rt, now=T0 + 2 * DAY) == ["half"]
     record = json.loads(rt.storage.get_bytes("deletions/half.json"))
     assert record["deleted"]["objects"] == objects
+
+
+def test_the_events_stream_forgets_the_jobs_retention_deleted() -> None:
+    rt = make_runtime(RETENTION_DAYS=30)
+
+    def finish(job_id: str) -> None:
+        run_job(rt, job_id)
+        # Resuming the caller's chain announces the job on the events stream (real clock).
+        assert pipeline.resume_caller_chain(rt, job_id, lambda chain, result: None)
+
+    finish("old")
+    time.sleep(0.005)
+    between = time.time()
+    time.sleep(0.005)
+    finish("new")
+
+    def named() -> list[str]:
+        entries: list[Any] = rt.redis.xrange(EVENTS_STREAM)
+        return [fields[b"job_id"].decode() for _id, fields in entries]
+
+    assert named() == ["old", "new"]
+    assert _sweep(rt, between + 30 * DAY).deleted == ["old"]
+    assert named() == ["new"]  # no event names a job that no longer exists

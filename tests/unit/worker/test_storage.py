@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from worker.errors import StorageError
-from worker.storage import DOWNLOAD_CHUNK_BYTES, Storage
+from worker.storage import DOWNLOAD_CHUNK_BYTES, UPLOAD_PART_BYTES, Storage
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -145,3 +146,43 @@ def test_unreadable_source_file_is_a_storage_error(tmp_path: Path) -> None:
 
     with pytest.raises(StorageError):
         storage.put_file("jobs/j1/a.json", tmp_path / "missing.json")
+
+
+def test_local_store_keeps_exports_private_to_this_user(tmp_path: Path) -> None:
+    """Under the usual umask (022) another local user could read every export before."""
+    root = tmp_path / "exports"
+    storage = Storage(root.as_uri())
+    big = tmp_path / "profile.json"
+    big.write_bytes(b"x" * (UPLOAD_PART_BYTES + 1024))  # multipart
+    small = tmp_path / "report.json"
+    small.write_bytes(b"{}")
+    old_umask = os.umask(0o022)
+    try:
+        storage.put_file("jobs/j1/profiles/0.json", big)
+        storage.put_file("jobs/j1/report.json", small)
+        storage.put_bytes("jobs/j1/manifest.json", b"{}")
+        storage.put_bytes("jobs/j1/manifest.json", b'{"again": true}')  # a rewrite too
+        storage.put_bytes("deletions/j0.json", b"{}")
+    finally:
+        os.umask(old_umask)
+
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
+    assert len(files) == 4 and len(folders) == 5
+    assert {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in files} == {
+        "deletions/j0.json": 0o600,
+        "jobs/j1/manifest.json": 0o600,
+        "jobs/j1/profiles/0.json": 0o600,
+        "jobs/j1/report.json": 0o600,
+    }
+    assert {p.stat().st_mode & 0o777 for p in folders} == {0o700}
+
+
+def test_local_store_restricts_a_folder_an_older_version_left_open(tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    (root / "jobs").mkdir(parents=True, mode=0o755)
+    (root / "jobs").chmod(0o755)
+    Storage(root.as_uri()).put_bytes("jobs/j1/manifest.json", b"{}")
+
+    assert (root / "jobs").stat().st_mode & 0o777 == 0o700
+    assert (root / "jobs" / "j1").stat().st_mode & 0o777 == 0o700
