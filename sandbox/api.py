@@ -138,6 +138,10 @@ def token() -> Response:
     client_id, client_secret = body.get("client_id"), body.get("client_secret")
     if not isinstance(client_id, str) or not isinstance(client_secret, str):
         return problem(400, "client_id and client_secret are required strings")
+    if spec.token_redirect_to:
+        response = _empty(307)  # "repeat this POST, body and all, over there"
+        response.headers["Location"] = spec.token_redirect_to
+        return response
     known = sandbox.account_for(client_id)
     if known is None:
         return problem(401, "unknown client credentials")

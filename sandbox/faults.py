@@ -71,6 +71,9 @@ class FaultSpec:
     download_host: str | None = None
     #: The download endpoint answers 302 to this URL.
     redirect_to: str | None = None
+    #: The token endpoint answers 307 to this URL (a client that follows re-posts its
+    #: client_id and client_secret there). Read from the default spec: a token has no key.
+    token_redirect_to: str | None = None
     #: Export file size in bytes.
     file_size: int | None = None
     merged_count: int | None = None
@@ -106,7 +109,7 @@ class FaultSpec:
 _BOOLS = {"drop_verify", "drop_ready", "reorder", "expire_tokens", "corrupt", "omit_retry_after"}
 _INTS = {"duplicate", "failure_code", "truncate_at", "fault_times", "file_size", "merged_count"}
 _FLOATS = {"verify_delay", "ready_delay"}
-_STRS = {"download_host", "redirect_to", "auth_style"}
+_STRS = {"download_host", "redirect_to", "token_redirect_to", "auth_style"}
 _ERROR_LISTS = {"export_errors", "download_errors", "token_errors"}
 
 

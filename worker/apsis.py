@@ -143,6 +143,13 @@ def _where(url: str) -> str:
     return f"{scheme}://{host[:MAX_QUOTED_HOST]}:{port}"
 
 
+def _redirect_refused(response: requests.Response) -> str:
+    """The reason for refusing a redirect on a call that carries a credential: the status and
+    where it pointed (scheme, host and port only), never followed."""
+    target = _where(response.headers.get("Location") or "")
+    return f"answered a redirect (HTTP {response.status_code}) to {target}; not followed"
+
+
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     # is_private misses the shared space 100.64.0.0/10, where Alibaba Cloud's metadata
@@ -178,8 +185,14 @@ class DownloadPolicy:
         self._resolve = resolve or _resolve_host
 
     def check(self, url: str) -> None:
-        """Raise DownloadRefused (with a reason that names no secret) if ``url`` is not allowed."""
-        parts = urlsplit(url)
+        """Raise DownloadRefused (with a reason that names no secret) if ``url`` is not allowed.
+
+        A URL that cannot be parsed (``https://[api.apsis.one/...``) is refused like any other.
+        """
+        try:
+            parts = urlsplit(url)  # ValueError: "Invalid IPv6 URL", a bracketed non-address
+        except ValueError:
+            raise DownloadRefused("download URL cannot be parsed") from None
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise DownloadRefused("download URL is not an http(s) URL with a host")
         if parts.username or parts.password:
@@ -271,11 +284,17 @@ class ApsisClient:
             response = metrics.timed_apsis_call(
                 "token",
                 lambda: self._session.post(
-                    self.base_url + TOKEN_PATH, json=body, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
+                    self.base_url + TOKEN_PATH,
+                    json=body,
+                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                    # A 307/308 would re-post client_id and client_secret to its Location.
+                    allow_redirects=False,
                 ),
             )
         except requests.RequestException as exc:
             raise RetryableApsisError(f"APSIS token: {type(exc).__name__}") from None
+        if 300 <= response.status_code < 400:
+            raise ApsisAuthError(f"APSIS token: {_redirect_refused(response)}")
         if response.status_code in (400, 401, 403):
             raise ApsisAuthError(f"APSIS token: {_problem(response)} (check the credentials)")
         if response.status_code != 200:
@@ -361,6 +380,11 @@ class ApsisClient:
         except requests.RequestException as exc:
             raise RetryableApsisError(f"APSIS export request: {type(exc).__name__}") from None
         with response:
+            if 300 <= response.status_code < 400:
+                raise PermanentApsisError(
+                    f"APSIS export request: {_redirect_refused(response)}",
+                    status=response.status_code,
+                )
             if response.status_code not in (200, 201, 202):
                 raise error_for(response, "export request")
 

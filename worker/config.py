@@ -15,6 +15,58 @@ from worker.errors import ConfigError
 #: Minimum length of a callback secret, in bytes (HMAC-SHA256 keys shorter than the
 #: digest weaken it).
 MIN_SECRET_BYTES = 32
+#: Minimum length of STATUS_TOKEN, in characters (a bearer token anyone can try).
+MIN_STATUS_TOKEN_CHARS = 32
+#: Fewest distinct characters in a callback secret or STATUS_TOKEN: "xxx…", "000…" or
+#: "abab…" are long enough but not secret. A random token_urlsafe(32) has about 30.
+MIN_DISTINCT_CHARS = 10
+#: Marks of a value copied from deploy/, the README or an example instead of a real secret,
+#: found anywhere in the value once lower-cased and stripped of everything but a-z and 0-9.
+#: Each is at least 7 letters, so a random secret contains one by chance with odds < 1e-8.
+PLACEHOLDER_MARKS = ("replaceme", "changeme", "placeholder", "example", "yoursecret")
+#: Whole values (compared the same way) that are placeholders, not credentials.
+PLACEHOLDER_VALUES = frozenset({"todo", "tbd", "none", "null", "changeit"})
+#: How to make a good secret, for the error message.
+GENERATE_HINT = 'generate one: python -c "import secrets; print(secrets.token_urlsafe(48))"'
+
+
+def placeholder_reason(value: str) -> str | None:
+    """Why ``value`` looks like a placeholder rather than a real credential; None if not.
+
+    The reason never quotes the value.
+    """
+    text = value.strip()
+    folded = re.sub(r"[^a-z0-9]", "", text.lower())
+    if any(mark in folded for mark in PLACEHOLDER_MARKS) or folded in PLACEHOLDER_VALUES:
+        return "is a placeholder from an example, not a real value"
+    one_character = len(set(folded or text)) <= 1  # "xxxx", "xxxx-xxxx", "****", "0000"
+    if one_character or text.startswith(("<", "${", "{{")) or "..." in text or "…" in text:
+        return "is a placeholder (one repeated character, <...> or ${...}), not a real value"
+    return None
+
+
+def _real_credential(value: str | None) -> str | None:
+    """An APSIS client id or secret: unset or empty is for require() to judge; a placeholder
+    is refused at start-up."""
+    if value:
+        reason = placeholder_reason(value)
+        if reason:
+            raise ValueError(f"{reason}; set the credentials APSIS issued")
+    return value
+
+
+def _strong_secret(value: str, *, min_length: int, unit: str) -> str:
+    reason = placeholder_reason(value)
+    if reason:
+        raise ValueError(f"{reason}; {GENERATE_HINT}")
+    size = len(value.encode()) if unit == "bytes" else len(value)
+    if size < min_length:
+        raise ValueError(f"must be at least {min_length} {unit} long; {GENERATE_HINT}")
+    if len(set(value)) < MIN_DISTINCT_CHARS:
+        raise ValueError(
+            f"must have at least {MIN_DISTINCT_CHARS} distinct characters; {GENERATE_HINT}"
+        )
+    return value
 
 
 class AccountSettings(BaseModel):
@@ -24,7 +76,7 @@ class AccountSettings(BaseModel):
 
     base_url: str = "https://api.apsis.one"
     client_id: str
-    client_secret: str
+    client_secret: str = Field(repr=False)
     export_rate: float = Field(1.0, gt=0)
     download_rate: float = Field(60.0, gt=0)
     token_rate: float = Field(10.0, gt=0)
@@ -37,6 +89,12 @@ class AccountSettings(BaseModel):
             raise ValueError("base_url must be an http(s) URL with a host")
         return value.rstrip("/")
 
+    @field_validator("client_id", "client_secret")
+    @classmethod
+    def _credential(cls, value: str) -> str:
+        _real_credential(value)
+        return value
+
 
 class Settings(BaseSettings):
     """Every setting, named as its environment variable. Units are in the names or docs."""
@@ -46,7 +104,7 @@ class Settings(BaseSettings):
     # APSIS One
     APSIS_BASE_URL: str = "https://api.apsis.one"
     APSIS_CLIENT_ID: str | None = None
-    APSIS_CLIENT_SECRET: str | None = None
+    APSIS_CLIENT_SECRET: str | None = Field(None, repr=False)
     #: Name of the APSIS account: keys the shared token cache and the rate-limit buckets.
     APSIS_ACCOUNT: str = "default"
     #: Export requests per second allowed for the account (documented: 1).
@@ -71,10 +129,11 @@ class Settings(BaseSettings):
     # The callback webhook
     #: Public base URL of the webhook, as APSIS must reach it (e.g. https://hooks.example.com).
     CALLBACK_BASE_URL: str | None = None
-    #: Key of the HMAC on callback tokens; at least 32 bytes.
-    CALLBACK_SECRET: str | None = None
+    #: Key of the HMAC on callback tokens; at least 32 bytes, 10 distinct characters, and no
+    #: placeholder. Never in the settings' repr (nor any other secret below).
+    CALLBACK_SECRET: str | None = Field(None, repr=False)
     #: The secret before a rotation; tokens it signed stay valid until they expire.
-    CALLBACK_SECRET_PREVIOUS: str | None = None
+    CALLBACK_SECRET_PREVIOUS: str | None = Field(None, repr=False)
     #: Seconds a callback token stays valid (callbacks may arrive hours late).
     CALLBACK_TOKEN_TTL: int = Field(7 * 24 * 3600, gt=0)
     #: Largest callback body accepted, in bytes.
@@ -92,7 +151,7 @@ class Settings(BaseSettings):
 
     #: Client-side envelope encryption of every stored object: base64 of 32 random bytes,
     #: or a key ring "CURRENT,PREVIOUS" (new objects use the first; reads try each by id).
-    STORAGE_ENCRYPTION_KEY: str | None = None
+    STORAGE_ENCRYPTION_KEY: str | None = Field(None, repr=False)
     #: S3 server-side encryption: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS).
     STORAGE_SSE: str | None = None
     #: KMS key id or ARN for STORAGE_SSE=aws:kms (unset: the bucket's default KMS key).
@@ -120,8 +179,9 @@ class Settings(BaseSettings):
     # Operating: metrics and the status page
     #: Port of each worker node's /metrics (served from its main process); 0 turns it off.
     WORKER_METRICS_PORT: int = Field(9808, ge=0, le=65535)
-    #: Bearer token of the webhook's /status page; unset turns the page off (404).
-    STATUS_TOKEN: str | None = None
+    #: Bearer token of the webhook's /status page; unset (or empty) turns the page off (404).
+    #: When set: at least 32 characters, 10 distinct ones, and no placeholder.
+    STATUS_TOKEN: str | None = Field(None, repr=False)
 
     @field_validator("APSIS_BASE_URL", "CALLBACK_BASE_URL")
     @classmethod
@@ -154,9 +214,21 @@ class Settings(BaseSettings):
     @field_validator("CALLBACK_SECRET", "CALLBACK_SECRET_PREVIOUS")
     @classmethod
     def _secret_length(cls, value: str | None) -> str | None:
-        if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
-            raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes long")
+        if value is not None:
+            _strong_secret(value, min_length=MIN_SECRET_BYTES, unit="bytes")
         return value
+
+    @field_validator("STATUS_TOKEN")
+    @classmethod
+    def _status_token(cls, value: str | None) -> str | None:
+        if value:  # unset or empty: the page is off
+            _strong_secret(value, min_length=MIN_STATUS_TOKEN_CHARS, unit="characters")
+        return value
+
+    @field_validator("APSIS_CLIENT_ID", "APSIS_CLIENT_SECRET")
+    @classmethod
+    def _apsis_credential(cls, value: str | None) -> str | None:
+        return _real_credential(value)
 
     @field_validator("STORAGE_SSE")
     @classmethod

@@ -313,3 +313,41 @@ def test_download_over_the_size_cap_fails_cleanly(
     # One try: a file over the cap is over it next time too.
     assert len(_settled_downloads(stack, 1)) == 1
     _assert_nothing_stored(stack, job.job_id)
+
+
+def test_an_unparsable_download_url_is_refused_as_a_security_event(
+    make_stack: StackFactory, redis_db: redis.Redis
+) -> None:
+    """``https://[api.apsis.one/...`` made urlsplit raise outside the policy: the job stayed
+    ready, with no security event, and failed the same way on every re-dispatch."""
+    stack = make_stack()
+    key = "victim-unparsable@example.com"
+    _faults(stack, key, {"download_host": "https://[api.apsis.one"})
+    jobs = JobStore(redis_db)
+    (job,) = wait_final(jobs, [stack.submit(key)], timeout=30)
+
+    assert job.state == State.FAILED
+    assert job.error is not None
+    assert "refused" in job.error and "cannot be parsed" in job.error, job.error
+    (event,) = _refusals(stack, job.job_id)
+    assert event["level"] == "error" and "cannot be parsed" in event["reason"]
+    assert _downloads(stack) == []
+    _assert_nothing_stored(stack, job.job_id)
+
+
+def test_a_redirect_from_the_token_endpoint_never_carries_the_credentials_elsewhere(
+    make_stack: StackFactory, redis_db: redis.Redis, attacker: Listener
+) -> None:
+    """A 307 from /oauth/token asks the client to re-post client_id and client_secret to
+    another host; it is an auth error instead, and the other host hears nothing."""
+    stack = make_stack()
+    stack.sandbox_put("/_sandbox/faults", {"default": {"token_redirect_to": attacker.url}})
+    jobs = JobStore(redis_db)
+    (job,) = wait_final(jobs, [stack.submit("victim-token@example.com")], timeout=30)
+
+    assert job.state == State.FAILED
+    assert job.error is not None
+    assert "APSIS token" in job.error and "redirect (HTTP 307)" in job.error, job.error
+    assert attacker.url in job.error and "not followed" in job.error
+    assert attacker.seen == []
+    assert [e for e in stack.journal() if e["kind"] == "export"] == []  # no token, no request

@@ -7,6 +7,7 @@ spec documents, with the documented body and headers.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ from worker.jobs import ExportOptions, JobStore, State
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET = "w" * 48
+SECRET = secrets.token_urlsafe(48)
 JOB_ID = "schemathesis-job"
 #: Seconds to wait for gunicorn to answer /healthz.
 START_TIMEOUT = 20.0

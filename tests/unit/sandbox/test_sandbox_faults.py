@@ -143,6 +143,16 @@ def test_token_errors_then_a_token(session: requests.Session) -> None:
     assert statuses == [503, 429, 200]
 
 
+def test_token_redirect_to_answers_307_until_cleared(session: requests.Session) -> None:
+    put(session, {"default": {"token_redirect_to": "http://127.0.0.2:9/oauth/token"}})
+    body = {"grant_type": "client_credentials", "client_id": "sandbox", "client_secret": "sandbox"}
+    response = session.post(f"{BASE}/oauth/token", json=body, allow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["Location"] == "http://127.0.0.2:9/oauth/token"
+    put(session, {})
+    assert session.post(f"{BASE}/oauth/token", json=body).status_code == 200
+
+
 def test_expire_tokens_until_a_new_token_is_fetched(
     session: requests.Session, headers: dict[str, str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +18,8 @@ from worker.config import load_settings
 from worker.inbox import Inbox
 from worker.jobs import ExportOptions, JobStore, State
 
-SECRET = "c" * 48
-TOKEN = "status-token-0123456789abcdef"
+SECRET = secrets.token_urlsafe(48)
+TOKEN = secrets.token_urlsafe(32)
 
 
 def _app(tmp_path: Any, **settings: Any) -> tuple[Flask, fakeredis.FakeRedis, JobStore]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from typing import Any, BinaryIO
 
 import fakeredis
@@ -38,7 +39,10 @@ def make_runtime(storage: Storage | None = None, **settings: Any) -> Runtime:
     """``runtime_on_fakeredis`` on test settings (a callback secret, memory storage) plus
     ``settings``."""
     return runtime_on_fakeredis(
-        load_settings(CALLBACK_SECRET="s" * 40, STORAGE_URL="memory:///", **settings), storage
+        load_settings(
+            CALLBACK_SECRET=secrets.token_urlsafe(32), STORAGE_URL="memory:///", **settings
+        ),
+        storage,
     )
 
 

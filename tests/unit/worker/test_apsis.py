@@ -450,6 +450,34 @@ def test_a_failing_token_endpoint_is_retryable(
     assert statuses(state, "token") == [status, 200]
 
 
+def test_a_redirect_from_the_token_endpoint_is_an_auth_error_and_never_followed(
+    client: ApsisClient, state: SandboxState, tripwire: Tripwire
+) -> None:
+    # A 307 asks the client to re-post the same body (client_id, client_secret) elsewhere.
+    state.set_faults({"default": {"token_redirect_to": "http://127.0.0.2:1/oauth/token"}})
+    with pytest.raises(ApsisAuthError) as caught:
+        export(client)
+    assert "redirect (HTTP 307)" in str(caught.value)
+    assert "http://127.0.0.2:1" in str(caught.value) and "not followed" in str(caught.value)
+    assert "sandbox" not in str(caught.value)  # the credentials are not quoted either
+    assert tripwire.requested == []
+    assert state.journal.entries(kind="export") == []
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_from_the_export_endpoint_is_permanent_and_never_followed(
+    client: ApsisClient, state: SandboxState, tripwire: Tripwire, status: int
+) -> None:
+    state.set_faults({"default": {"export_errors": [status]}})
+    with pytest.raises(PermanentApsisError) as caught:
+        export(client)
+    assert type(caught.value) is PermanentApsisError
+    assert caught.value.status == status
+    assert f"redirect (HTTP {status})" in str(caught.value)
+    assert statuses(state, "export") == [status]
+    assert tripwire.requested == []
+
+
 # -- downloading ----------------------------------------------------------------------------
 
 
@@ -674,6 +702,9 @@ def test_https_on_the_configured_origin_is_allowed() -> None:
         "https://api.apsis.one@collector.example" + DOWNLOAD_PATH,
         "http://127.0.0.1" + DOWNLOAD_PATH,
         DOWNLOAD_PATH,  # no host at all
+        "https://[api.apsis.one" + DOWNLOAD_PATH,  # urlsplit: "Invalid IPv6 URL"
+        "https://api.apsis.one]" + DOWNLOAD_PATH,
+        "https://[api.apsis.one]" + DOWNLOAD_PATH,  # brackets around a name
     ],
 )
 def test_anything_but_the_configured_https_origin_is_refused(url: str) -> None:

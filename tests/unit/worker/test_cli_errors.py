@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +12,7 @@ from worker import cli
 from worker.config import Settings, load_settings
 from worker.runtime import Runtime
 
-SECRET = "s" * 48
+SECRET = secrets.token_urlsafe(48)
 #: Connecting to port 1 on loopback is refused at once: no wait, no server needed.
 UNREACHABLE_REDIS = "redis://:hunter2@127.0.0.1:1/0"
 
