@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook.app import resources
-from worker import callback_token, metrics
+from worker import callback_token, control_chars, metrics
 
 bp = Blueprint("callbacks", __name__)
 log = logging.getLogger("apsis.webhook")
@@ -67,6 +67,9 @@ def receive(token: str) -> tuple[Response, int]:
             message.encode()
         except UnicodeEncodeError:
             return _error(422, "invalid", "'message' is not valid Unicode text")
+    if control_chars.has_control(message):
+        # ESC sequences, newlines, bidi overrides: they reach an operator's terminal and logs.
+        return _error(422, "invalid", "'message' contains control characters")
 
     outcome, entry = res.inbox.record(
         job_key=res.jobs.key(claim.job_id),

@@ -10,7 +10,6 @@ the broker small, runs at the quota from a pool of any size, and cancels at once
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -24,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import metrics, pipeline
+from worker import csv_cells, metrics, pipeline, purpose
 from worker.batch_file import BatchItem
-from worker.errors import InputError, JobNotFound
+from worker.errors import ConfigError, InputError, JobIdConflict, JobNotFound
 from worker.jobs import ExportOptions, State
 from worker.lease import JobLease, LeaseBusy
 from worker.manifest import product_version
@@ -46,7 +45,8 @@ SENDERS = 4
 FEED_FULL_PAUSE = 2.0
 #: Default cap on a batch's unfinished jobs (each is a small Redis hash while it waits).
 DEFAULT_MAX_IN_FLIGHT = 10_000
-#: Batch ids: the job ids ``<batch_id>-<n>`` must stay within 64 characters.
+#: Batch ids. Item job ids are ``<batch_id>.<n>``: a caller's job id (no dots) can never
+#: take that form, so no caller can create, or be answered with, a batch item's job.
 BATCH_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_]{1,48}\Z")
 FINALIZE_TASK = "apsis.finalize_batch"
 RUNNING_KEY = "apsis:batches:running"
@@ -82,8 +82,13 @@ def linked_key(batch_id: str) -> str:
     return f"apsis:batch:{batch_id}:linked"
 
 
+def refused_key(batch_id: str) -> str:
+    """Hash: item index -> why the item got no job (its job id was taken by another)."""
+    return f"apsis:batch:{batch_id}:refused"
+
+
 def job_id_for(batch_id: str, index: int) -> str:
-    return f"{batch_id}-{index}"
+    return f"{batch_id}.{index}"
 
 
 def summary_object(batch_id: str) -> str:
@@ -154,6 +159,30 @@ def get(rt: Runtime, batch_id: str) -> Batch:
     )
 
 
+# KEYS: the batch. ARGV: its purpose digest, the same under the previous secret. Claims the
+# batch id (state "creating") unless it exists: 1 if claimed, 0 if it exists for the same
+# purpose (an idempotent repeat), -1 if for another purpose (refused).
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local stored = redis.call('HGET', KEYS[1], 'purpose')
+  -- A batch from before purposes were kept is taken as the same one (as it always was).
+  if not stored or stored == ARGV[1] or stored == ARGV[2] then return 0 end
+  return -1
+end
+redis.call('HSET', KEYS[1], 'state', 'creating', 'purpose', ARGV[1])
+return 1
+"""
+
+# KEYS: the batch, its refused hash. ARGV: the item's index, the reason. Counts the item as
+# submitted and failed, once: 1 the first time, 0 after.
+_REFUSE = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'submitted', 1)
+redis.call('HINCRBY', KEYS[1], 'failed', 1)
+return 1
+"""
+
+
 def exists(rt: Runtime, batch_id: str) -> bool:
     return bool(rt.redis.exists(batch_key(batch_id)))
 
@@ -169,7 +198,9 @@ def create(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     chain: dict[str, Any] | None = None,
 ) -> bool:
-    """Record the batch and its items (idempotent on ``batch_id``); True if it is new."""
+    """Record the batch and its items (idempotent on ``batch_id``); True if it is new.
+
+    Raises JobIdConflict if ``batch_id`` exists for other export keys, options or account."""
     if not BATCH_ID_PATTERN.match(batch_id):
         raise InputError("batch id must be 1-48 characters of A-Z, a-z, 0-9 and _")
     if not items:
@@ -179,10 +210,25 @@ def create(
     account = account or rt.settings.APSIS_ACCOUNT
     rt.settings.account(account)  # an unknown account is refused now, not per job
     key = batch_key(batch_id)
-    if not rt.redis.hsetnx(key, "state", "creating"):
+    digests = purpose.batch_digests(
+        rt.jobs.secrets,
+        export_keys=(i.export_key for i in items),
+        options=options.to_json(),
+        account=account,
+    )
+    claimed = int(rt.redis.eval(_CLAIM, 1, key, digests[0], digests[-1]))
+    if claimed < 0:
+        log.info("batch id refused: it exists for another batch", extra={"batch_id": batch_id})
+        raise JobIdConflict(
+            f"batch id {batch_id} is already used for a different batch "
+            "(other export keys, options or account); choose a new batch id"
+        )
+    if not claimed:
         return False
     pipe = rt.redis.pipeline(transaction=True)
-    pipe.delete(items_key(batch_id), index_key(batch_id), linked_key(batch_id))
+    pipe.delete(
+        items_key(batch_id), index_key(batch_id), linked_key(batch_id), refused_key(batch_id)
+    )
     for start in range(0, len(items), 1000):
         chunk = items[start : start + 1000]
         pipe.rpush(items_key(batch_id), *[json.dumps([i.export_key, i.reference]) for i in chunk])
@@ -254,7 +300,15 @@ def _feed_slice(
 ) -> float | None:
     started = time.monotonic()
     batch = get(rt, batch_id)
-    client = rt.apsis_for(batch.account)
+    try:
+        client = rt.apsis_for(batch.account)
+    except ConfigError as exc:
+        # Its account was removed from APSIS_ACCOUNTS since: no request can be sent, now or
+        # later. Stop it (its sent jobs finish) rather than fail in this thread forever.
+        log.error("batch account not configured", extra={"batch_id": batch_id, "reason": str(exc)})
+        if cancel(rt, batch_id) and complete(get(rt, batch_id)):
+            dispatch_later(FINALIZE_TASK, [batch_id], 0.0)
+        return None
     limit = client.limits.export
     # Have a token before the first slot: fetching it inside the first sends would make
     # them late, bunching them with the requests one window later (a 429 from APSIS).
@@ -271,6 +325,11 @@ def _feed_slice(
             if complete(get(rt, batch_id)):
                 dispatch_later(FINALIZE_TASK, [batch_id], 0.0)
             continue
+        # The item's job id is taken by a record this batch did not create: the item fails
+        # once, with no slot spent; the other record is never touched nor reported as ours.
+        if rt.jobs.exists(job_id_for(batch_id, batch.submitted)):
+            refuse_item(rt, batch_id, batch.submitted, dispatch_later)
+            continue
         slot = rt.limiter.acquire(batch.account, "export", limit, max_wait=FEED_MAX_WAIT)
         if not slot.granted:
             return slot.wait
@@ -283,19 +342,43 @@ def _feed_slice(
             return None
         export_key, reference = json.loads(raw)
         job_id = job_id_for(batch_id, index)
-        pipeline.submit(
-            rt,
-            export_key,
-            options=batch.options,
-            job_id=job_id,
-            reference=reference or batch.reference,
-            batch_id=batch_id,
-            account=batch.account,
-        )
+        try:
+            created = pipeline.submit(
+                rt,
+                export_key,
+                options=batch.options,
+                job_id=job_id,
+                reference=reference or batch.reference,
+                batch_id=batch_id,
+                account=batch.account,
+            )
+        except JobIdConflict:
+            created = False
+        if not created:  # taken since the look above: this slot goes unused, once
+            refuse_item(rt, batch_id, index, dispatch_later)
+            continue
         senders.submit(_send, rt, job_id, slot_at, dispatch_later)
         # Do not run ahead of the slot: the next one is reserved only when this one is due.
         time.sleep(max(0.0, slot_at - time.monotonic()))
     return 0.0
+
+
+def refuse_item(rt: Runtime, batch_id: str, index: int, dispatch_later: DispatchLater) -> None:
+    """Count item ``index`` as submitted and failed, once: its job id exists for another
+    export (the feeder moves on; it never retries the item nor spends a slot on it)."""
+    job_id = job_id_for(batch_id, index)
+    reason = f"refused: job id {job_id} exists already for another export"
+    keys = [batch_key(batch_id), refused_key(batch_id)]
+    if rt.redis.eval(_REFUSE, 2, *keys, str(index), reason):
+        log.warning("batch item refused: its job id exists", extra={"job_id": job_id})
+    if complete(get(rt, batch_id)):
+        dispatch_later(FINALIZE_TASK, [batch_id], 0.0)
+
+
+def refusal(rt: Runtime, batch_id: str, index: int) -> str | None:
+    """Why item ``index`` got no job of its own, if it was refused."""
+    raw = rt.redis.hget(refused_key(batch_id), str(index))
+    return raw.decode() if raw is not None else None  # type: ignore[union-attr]
 
 
 def cancel(rt: Runtime, batch_id: str) -> bool:
@@ -338,7 +421,7 @@ def finalize(
     with tempfile.TemporaryDirectory(prefix="apsis-batch-") as tmp:
         summary = Path(tmp) / "summary.csv"
         with summary.open("w", newline="", encoding="utf-8") as out:
-            writer = csv.writer(out)
+            writer = csv_cells.writer(out)
             writer.writerow(SUMMARY_COLUMNS)
             for index in range(batch.total):
                 row = _summary_row(rt, batch, index)
@@ -384,6 +467,11 @@ def finalize(
 
 
 def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
+    refused = refusal(rt, batch.batch_id, index)
+    if refused is not None:  # the record under its job id is not this batch's: not read
+        raw = rt.redis.lindex(items_key(batch.batch_id), index)
+        export_key, reference = json.loads(raw) if raw else ("", None)
+        return [export_key, reference or "", "failed", refused, "", "", "", ""]
     job = rt.jobs.find(job_id_for(batch.batch_id, index)) if index < batch.submitted else None
     covering = rt.redis.hget(linked_key(batch.batch_id), str(index))
     if job is None and covering is not None:
@@ -413,7 +501,7 @@ def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
         job.state.value if job.state in (State.DONE, State.FAILED) else "cancelled",
         job.error or "",
         job.manifest or "",
-        ";".join(merged),
+        ";".join(csv_cells.neutralise(key) for key in merged),
         str(job.source_bytes or ""),
         job.job_id,
     ]
@@ -475,7 +563,7 @@ class BatchFeeder:
 
 
 def _own_index(job_id: str) -> int | None:
-    tail = job_id.rpartition("-")[2]
+    tail = job_id.rpartition(".")[2]
     return int(tail) if tail.isdigit() else None
 
 
@@ -494,7 +582,7 @@ def merged_links(
             continue
         index = int(raw)
         entry: dict[str, Any] = {"batch_item": index}
-        if rt.jobs.exists(job_id_for(batch_id, index)):
+        if rt.jobs.exists(job_id_for(batch_id, index)) and refusal(rt, batch_id, index) is None:
             entry["linked_job"] = job_id_for(batch_id, index)
         links[key] = entry
     return links

@@ -14,9 +14,12 @@ import re
 import time
 from dataclasses import dataclass
 
-#: Job ids are hex uuid4s or a caller's id of this shape (no dots: the token uses them).
-#: ``\Z``, not ``$``: ``$`` also matches before a trailing newline.
+#: Job ids are hex uuid4s or a caller's id of this shape (no dots: a caller's id can never
+#: take the form of a batch item's id). ``\Z``, not ``$``: ``$`` also matches before a
+#: trailing newline.
 JOB_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+#: A batch item's job id: ``<batch id>.<n>`` (batch ids are 1-48 of A-Z, a-z, 0-9 and _).
+BATCH_ITEM_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_]{1,48}\.(?:0|[1-9][0-9]{0,14})\Z")
 #: Bytes of the HMAC kept in the token (128 bits: unguessable, keeps URLs short).
 MAC_BYTES = 16
 
@@ -38,6 +41,11 @@ class CallbackClaim:
     expires_at: int
 
 
+def is_job_id(text: str) -> bool:
+    """Any job id: a caller's (or a task's) id, or a batch item's ``<batch id>.<n>``."""
+    return bool(JOB_ID_PATTERN.match(text) or BATCH_ITEM_ID_PATTERN.match(text))
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -53,7 +61,7 @@ def _mac(secret: str, payload: str) -> bytes:
 
 def issue(job_id: str, attempt: int, *, secret: str, ttl: int, now: float | None = None) -> str:
     """A token for ``job_id``'s ``attempt``, valid ``ttl`` seconds from ``now``."""
-    if not JOB_ID_PATTERN.match(job_id):
+    if not is_job_id(job_id):
         raise ValueError("job id has characters a callback token cannot carry")
     expires_at = int((time.time() if now is None else now) + ttl)
     payload = f"{job_id}.{attempt}.{expires_at}"
@@ -62,8 +70,9 @@ def issue(job_id: str, attempt: int, *, secret: str, ttl: int, now: float | None
 
 def verify(token: str, *, secrets: tuple[str, ...], now: float | None = None) -> CallbackClaim:
     """Check ``token`` against each secret (current first); raise if forged or expired."""
-    parts = token.split(".")
-    if len(parts) != 4 or not JOB_ID_PATTERN.match(parts[0]):
+    # From the right: a batch item's job id has a dot of its own.
+    parts = token.rsplit(".", 3)
+    if len(parts) != 4 or not is_job_id(parts[0]):
         raise InvalidCallbackToken("malformed token")
     job_id, attempt_text, expiry_text, mac_text = parts
     if not (attempt_text.isdigit() and expiry_text.isdigit()) or len(mac_text) > 64:

@@ -18,8 +18,9 @@ import redis
 from worker import batches, pipeline
 from worker.batch_file import read_batch_file
 from worker.config import Settings, load_settings
+from worker.control_chars import for_terminal
 from worker.errors import BatchFileError, ExportError, InputError, JobNotFound, StorageError
-from worker.jobs import FINAL, Job, State, new_job_id
+from worker.jobs import FINAL, ExportOptions, Job, State, new_job_id
 from worker.logs import configure_logging
 from worker.runtime import Runtime, build_runtime
 from worker.storage import Storage
@@ -71,18 +72,21 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from worker.celery import app
 
     export_key = pipeline.validate_export_key(args.export_key)
-    job_id = pipeline.validate_job_id(args.job_id) if args.job_id else new_job_id()
+    job_id = pipeline.validate_new_job_id(args.job_id) if args.job_id else new_job_id()
+    # The job's purpose digest is keyed by the secret the workers use.
+    settings.require("CALLBACK_SECRET")
     rt = build_runtime(settings)
     rt.redis.ping()
-    app.send_task(
-        "apsis.export_profile",
-        args=[export_key],
-        kwargs={
-            **_content_options(args),
-            "job_id": job_id,
-            "reference": args.reference,
-        },
+    # The record first, here: a job id in use for another export is refused now (exit 2),
+    # before anything is queued; the same request twice is still one job.
+    pipeline.submit(
+        rt,
+        export_key,
+        options=ExportOptions(**_content_options(args)),
+        job_id=job_id,
+        reference=args.reference,
     )
+    app.send_task(pipeline.REQUEST_TASK, args=[job_id])
     if not args.wait:
         if args.json:
             print(json.dumps({"job_id": job_id, "state": "submitted", "manifest": None}))
@@ -93,7 +97,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({"job_id": job_id, "state": job.state.value, "manifest": job.manifest}))
     else:
-        print(f"{job_id} {job.state.value} {job.manifest or job.error or ''}")
+        print(f"{job_id} {job.state.value} {for_terminal(job.manifest or job.error or '')}")
     return 0 if job.state == State.DONE else 1
 
 
@@ -126,17 +130,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"job       {job.job_id}")
     print(f"state     {job.state.value}")
     if job.reference:
-        print(f"reference {job.reference}")
+        print(f"reference {for_terminal(job.reference)}")
     print(f"attempt   {job.attempt} (retries {job.retries})")
     if job.manifest:
-        print(f"manifest  {job.manifest}")
+        print(f"manifest  {for_terminal(job.manifest)}")
         print(f"profiles  {job.profiles}  bytes {job.source_bytes}")
     if job.error:
-        print(f"error     {job.error}")
+        print(f"error     {for_terminal(job.error)}")
     print("history")
     for entry in data["history"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["at"]))
-        print(f"  {when}  {entry['state']:<9}  {entry['note']}")
+        print(f"  {when}  {for_terminal(entry['state']):<9}  {for_terminal(entry['note'])}")
     return 0
 
 
@@ -178,16 +182,14 @@ def _batch_status(rt: Runtime, batch_id: str, *, as_json: bool) -> int:
     print(f"batch     {batch.batch_id}")
     print(f"state     {batch.state}")
     if batch.reference:
-        print(f"reference {batch.reference}")
+        print(f"reference {for_terminal(batch.reference)}")
     print(f"progress  {_progress_line(batch, batch.finished_at or time.time())}")
     if batch.manifest:
-        print(f"manifest  {batch.manifest}")
+        print(f"manifest  {for_terminal(batch.manifest)}")
     return 0
 
 
 def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.celery import app
-
     parsed = read_batch_file(Path(args.file))
     if parsed.bad_lines and not args.skip_invalid:
         raise BatchFileError(
@@ -203,19 +205,20 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     batch_id = args.batch_id or new_job_id()
     if not batches.BATCH_ID_PATTERN.match(batch_id):
         raise InputError("batch id must be 1-48 characters of A-Z, a-z, 0-9 and _")
+    settings.require("CALLBACK_SECRET")  # keys the batch's purpose digest, as in the workers
     rt = build_runtime(settings)
     rt.redis.ping()
     settings.account(args.account)
-    app.send_task(
-        "apsis.export_batch",
-        args=[[{"export_key": i.export_key, "reference": i.reference} for i in parsed.items]],
-        kwargs={
-            **_content_options(args),
-            "batch_id": batch_id,
-            "reference": args.reference,
-            "account": args.account,
-            "max_in_flight": args.max_in_flight,
-        },
+    # Recorded here, not by a task: a batch id in use for another batch is refused now
+    # (exit 2). The workers' feeders pick a running batch up from Redis.
+    batches.create(
+        rt,
+        batch_id,
+        parsed.items,
+        options=ExportOptions(**_content_options(args)),
+        reference=args.reference,
+        account=args.account,
+        max_in_flight=args.max_in_flight,
     )
     if not args.wait:
         print(batch_id)
@@ -236,7 +239,8 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
             if tty:
                 sys.stderr.write("\n")
             print(
-                f"{batch_id} {batch.state} done {batch.done} failed {batch.failed} {batch.manifest}"
+                f"{batch_id} {batch.state} done {batch.done} failed {batch.failed} "
+                f"{for_terminal(batch.manifest)}"
             )
             return 0 if batch.failed == 0 and batch.state == "done" else 1
         if time.monotonic() > deadline:
@@ -285,7 +289,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             raise JobNotFound(f"no job or batch {target}")
     result = verify(rt, target)
     for problem in result.problems:
-        print(problem)
+        print(for_terminal(problem))
     verdict = "OK" if result.ok else f"{len(result.problems)} problem(s)"
     print(f"{target}: {verdict}: {result.jobs} job(s), {result.objects} object(s) checked")
     return 0 if result.ok else 1
@@ -354,7 +358,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from worker.health import check_node
 
     health = check_node(build_runtime(settings), node=args.node)
-    print(health.line)
+    print(for_terminal(health.line))
     return 0 if health.ok else 1
 
 
@@ -374,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_key", help="the profile's key in com.apsis1.keyspaces.export")
     _add_content_options(p)
     p.add_argument("--reference", help="your own id for this request (e.g. a ticket number)")
-    p.add_argument("--job-id", help="idempotency key: the same id twice is one job")
+    p.add_argument("--job-id", help="idempotency key: the same request twice is one job (no dots)")
     p.add_argument("--wait", action="store_true", help="wait until the job ends")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -384,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="one export key a line, or a CSV with an export_key column")
     _add_content_options(p)
     p.add_argument("--reference", help="your own id for the batch")
-    p.add_argument("--batch-id", help="idempotency key: the same id twice is one batch")
+    p.add_argument("--batch-id", help="idempotency key: the same file twice is one batch")
     p.add_argument("--account", help="APSIS account (default: APSIS_ACCOUNT)")
     p.add_argument("--max-in-flight", type=int, default=batches.DEFAULT_MAX_IN_FLIGHT)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid lines")
@@ -443,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args, settings)
         return code
     except ExportError as exc:
-        sys.stderr.write(f"apsis-export: {exc}\n")
+        sys.stderr.write(f"apsis-export: {for_terminal(exc)}\n")
         return exc.exit_code if not isinstance(exc, JobNotFound) else JobNotFound.exit_code
     except redis.RedisError as exc:
         where = _redacted(settings.REDIS_URL) if settings else "REDIS_URL"

@@ -4,7 +4,8 @@ ExportError
 ├── ConfigError            bad or missing configuration (exit code 2)
 ├── InputError             bad input from a user or a caller (exit code 2)
 │   ├── InvalidExportKey
-│   └── BatchFileError
+│   ├── BatchFileError
+│   └── JobIdConflict      a reused job or batch id asks for something else
 ├── JobNotFound            no job (or batch) with that id (exit code 3)
 ├── ApsisError             anything APSIS One answered or failed to answer
 │   ├── RetryableApsisError   408, 429, 5xx, connection errors; may carry retry_after
@@ -45,6 +46,11 @@ class InvalidExportKey(InputError):
 
 class BatchFileError(InputError):
     """A batch file cannot be read or has invalid lines."""
+
+
+class JobIdConflict(InputError):
+    """A job or batch id that exists already was created for a different request (another
+    export key, options, account or batch): refused, never answered with that one's export."""
 
 
 class JobNotFound(ExportError):

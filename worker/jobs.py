@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
-from worker import metrics
-from worker.errors import JobNotFound
+from worker import metrics, purpose
+from worker.errors import JobIdConflict, JobNotFound
 
 
 class State(StrEnum):
@@ -105,10 +105,26 @@ return {1, ARGV[1]}
 """
 
 # KEYS: job, history, state counts, open zset, deadlines zset, [batch]. ARGV: history, now,
-# deadline, then field/value pairs. Creates the job unless it exists: returns 1 if created.
+# deadline, purpose digest (stored), the same under the previous secret ('' = none),
+# export key, account, batch id ('' = none), then field/value pairs (the purpose among them).
+# Creates the job unless it exists: returns 1 if created, 0 if it exists for the same
+# purpose (an idempotent repeat), -1 if it exists for another purpose (refused).
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 4, #ARGV, 2 do
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local stored = redis.call('HGET', KEYS[1], 'purpose')
+  if stored then
+    if stored == ARGV[4] or (ARGV[5] ~= '' and stored == ARGV[5]) then return 0 end
+    return -1
+  end
+  -- A record from before purposes were kept: compare what it holds.
+  if redis.call('HGET', KEYS[1], 'export_key') ~= ARGV[6]
+     or redis.call('HGET', KEYS[1], 'account') ~= ARGV[7]
+     or (redis.call('HGET', KEYS[1], 'batch_id') or '') ~= ARGV[8] then
+    return -1
+  end
+  return 0
+end
+for i = 9, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
@@ -214,6 +230,7 @@ _KNOWN_FIELDS = {
     "chain",
     "chain_dispatched",
     "retries",
+    "purpose",
 }
 
 
@@ -273,9 +290,13 @@ def _encode(value: object) -> str:
 class JobStore:
     """Reads and changes job records; the only code that writes them."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "apsis") -> None:
+    def __init__(
+        self, client: redis.Redis, *, prefix: str = "apsis", secrets: tuple[str, ...] = ()
+    ) -> None:
         self._client = client
         self._prefix = prefix
+        #: Keys of the purpose digests, current first (CALLBACK_SECRET, then the previous).
+        self.secrets = purpose.secrets_of(*secrets[:2])
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._delete = client.register_script(_DELETE)
@@ -305,8 +326,18 @@ class JobStore:
         chain: dict[str, Any] | None = None,
         now: float | None = None,
     ) -> bool:
-        """Record a new job in state ``queued``; False (and no change) if the id exists."""
+        """Record a new job in state ``queued``; False (and no change) if the id exists for
+        the same purpose (export key, options, account, batch).
+
+        Raises JobIdConflict (and changes nothing) if the id exists for another purpose."""
         now = time.time() if now is None else now
+        digests = purpose.job_digests(
+            self.secrets,
+            export_key=export_key,
+            options=options.to_json(),
+            account=account,
+            batch_id=batch_id,
+        )
         fields: dict[str, object] = {
             "job_id": job_id,
             "state": State.QUEUED.value,
@@ -324,11 +355,17 @@ class JobStore:
             "batch_id": batch_id,
             "chain": chain,
             "retries": 0,
+            "purpose": digests[0],
         }
         args: list[str] = [
             _history(State.QUEUED, now, "created"),
             repr(now),
             repr(now + deadline_seconds),
+            digests[0],
+            digests[1] if len(digests) > 1 else "",
+            export_key,
+            account,
+            batch_id or "",
         ]
         for name, value in fields.items():
             if value is not None:
@@ -342,7 +379,13 @@ class JobStore:
         ]
         if batch_id:
             keys.append(f"{self._prefix}:batch:{batch_id}")
-        return bool(self._create(keys=keys, args=args))
+        created = int(self._create(keys=keys, args=args))
+        if created < 0:
+            raise JobIdConflict(
+                f"job id {job_id} is already used for a different export "
+                "(another key, options, account or batch); choose a new job id"
+            )
+        return created == 1
 
     def get(self, job_id: str) -> Job:
         raw = self._client.hgetall(self.key(job_id))

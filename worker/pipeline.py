@@ -12,13 +12,12 @@ import logging
 import random
 import tempfile
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import callback_token, manifest, metrics, report
+from worker import callback_token, control_chars, manifest, metrics, report
 from worker.errors import (
     ApsisAuthError,
     CorruptExport,
@@ -26,6 +25,7 @@ from worker.errors import (
     DownloadRefused,
     DownloadTooLarge,
     InvalidExportKey,
+    JobIdConflict,
     PermanentApsisError,
     RateLimited,
     RetryableApsisError,
@@ -82,14 +82,24 @@ def validate_export_key(export_key: object) -> str:
         raise InvalidExportKey("export key is empty")
     if len(export_key) > MAX_EXPORT_KEY_CHARS:
         raise InvalidExportKey(f"export key is longer than {MAX_EXPORT_KEY_CHARS} characters")
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in export_key):
+    if control_chars.has_control(export_key):
         raise InvalidExportKey("export key contains control characters")
     return export_key
 
 
-def validate_job_id(job_id: str) -> str:
+def validate_new_job_id(job_id: str) -> str:
+    """A caller's id for a new job: never the form of a batch item's id (``<batch>.<n>``)."""
     if not callback_token.JOB_ID_PATTERN.match(job_id):
         raise InvalidExportKey("job id must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
+    return job_id
+
+
+def validate_job_id(job_id: str) -> str:
+    """An id to look up: a caller's job id, a batch item's ``<batch>.<n>`` or a batch id."""
+    if not callback_token.is_job_id(job_id):
+        raise InvalidExportKey(
+            "job id must be 1-64 characters of A-Z, a-z, 0-9, _ and - (or <batch id>.<n>)"
+        )
     return job_id
 
 
@@ -112,20 +122,32 @@ def submit(
     account: str | None = None,
     chain: dict[str, Any] | None = None,
 ) -> bool:
-    """Create the job record (idempotent on ``job_id``); True if it is new."""
+    """Create the job record (idempotent on ``job_id``); True if it is new.
+
+    Raises JobIdConflict if ``job_id`` exists for another export key, options, account or
+    batch."""
     validate_export_key(export_key)
-    validate_job_id(job_id)
-    created = rt.jobs.create(
-        job_id,
-        export_key=export_key,
-        account=account or rt.settings.APSIS_ACCOUNT,
-        options=options,
-        deadline_seconds=rt.settings.EXPORT_DEADLINE,
-        reference=reference,
-        batch_id=batch_id,
-        chain=chain,
-    )
+    if batch_id and callback_token.BATCH_ITEM_ID_PATTERN.match(job_id):
+        if job_id.rpartition(".")[0] != batch_id:
+            raise InvalidExportKey("a batch item's job id must be <its batch id>.<n>")
+    else:
+        validate_new_job_id(job_id)  # a caller's id can never be a batch item's
     extra = {"job_id": job_id, "key_ref": rt.key_ref(export_key)}
+    try:
+        created = rt.jobs.create(
+            job_id,
+            export_key=export_key,
+            account=account or rt.settings.APSIS_ACCOUNT,
+            options=options,
+            deadline_seconds=rt.settings.EXPORT_DEADLINE,
+            reference=reference,
+            batch_id=batch_id,
+            chain=chain,
+        )
+    except JobIdConflict:
+        # info: the caller is told (exit 2, a rejected task); stderr stays one line
+        log.info("job id refused: it exists for another export", extra=extra)
+        raise
     log.info("job created" if created else "job exists already", extra=extra)
     return created
 
@@ -138,6 +160,23 @@ def callback_url(rt: Runtime, job: Job) -> str:
     return f"{s.CALLBACK_BASE_URL}/callbacks/{token}"
 
 
+#: Longest account name quoted in a failure reason (the name comes from the caller).
+MAX_QUOTED_ACCOUNT = 64
+
+
+def unknown_account(rt: Runtime, job: Job) -> str | None:
+    """Why the job's APSIS account cannot be used, if it is not configured at all (a caller's
+    typo, or an account since removed from APSIS_ACCOUNTS); None if it is configured.
+
+    Such a job fails with this reason: retrying cannot help, and the ConfigError it would
+    otherwise raise left it queued or ready until its deadline.
+    """
+    name = job.account or rt.settings.APSIS_ACCOUNT
+    if name in rt.settings.account_names():
+        return None
+    return f"APSIS account {name[:MAX_QUOTED_ACCOUNT]!r} is not configured (APSIS_ACCOUNTS)"
+
+
 def request(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> None:
     """Ask APSIS for the export of a queued job; then the job waits and no task runs.
 
@@ -148,6 +187,9 @@ def request(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> None:
         return  # already requested (a redelivered task) or finished
     if job.batch_id and rt.redis.hget(f"apsis:batch:{job.batch_id}", "state") == b"cancelled":
         fail(rt, job_id, "batch cancelled before the export was requested")
+        return
+    if reason := unknown_account(rt, job):
+        fail(rt, job_id, f"cannot request the export: {reason}")
         return
     ctx = {"job_id": job_id, "attempt": job.attempt, "batch_id": job.batch_id}
     try:
@@ -395,6 +437,9 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
     ctx = {"job_id": job_id, "attempt": job.attempt, "batch_id": job.batch_id}
     s = rt.settings
     source = tmp / "export.json"
+    if reason := unknown_account(rt, job):
+        fail(rt, job_id, f"cannot fetch the export: {reason}")
+        return None
     try:
         with source.open("wb") as out:
             got = rt.apsis_for(job.account).download(

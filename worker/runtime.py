@@ -14,6 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError
 from redis.retry import Retry
 
+from worker import purpose
 from worker.apsis import ApsisClient, Limits
 from worker.config import AccountSettings, Settings, load_settings
 from worker.inbox import Inbox
@@ -107,7 +108,10 @@ def runtime_on(settings: Settings, client: redis.Redis, storage: Storage) -> Run
     return Runtime(
         settings=settings,
         redis=client,
-        jobs=JobStore(client),
+        jobs=JobStore(
+            client,
+            secrets=purpose.secrets_of(settings.CALLBACK_SECRET, settings.CALLBACK_SECRET_PREVIOUS),
+        ),
         inbox=Inbox(client),
         limiter=RateLimiter(client),
         storage=storage,

@@ -151,6 +151,8 @@ def verify_batch(rt: Runtime, batch_id: str, out: Verification) -> None:
         check_object(rt, str(summary.get("object")), summary.get("sha256"), None, out)
     for index in range(batch.submitted):
         job_id = batches.job_id_for(batch_id, index)
+        if batches.refusal(rt, batch_id, index) is not None:
+            continue  # no job of its own: the record under its id is not this batch's
         if rt.jobs.exists(job_id):
             verify_job(rt, job_id, out)
         elif not batches.is_linked(rt, batch_id, index):

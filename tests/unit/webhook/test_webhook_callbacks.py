@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from worker.config import Settings, load_settings
 from worker.inbox import STREAM, Inbox
 from worker.jobs import ExportOptions, JobStore, State
 
-SECRET = "c" * 48
-PREVIOUS = "p" * 48
+SECRET = secrets.token_urlsafe(48)
+PREVIOUS = secrets.token_urlsafe(48)
 JOB_ID = "job-1"
 MAX_BYTES = 1024
 DOWNLOAD_URL = "https://api.apsis.one/audience/profiles/export-single/accounts/test/definitions/x"
@@ -228,6 +229,24 @@ def test_message_that_is_not_valid_unicode_refused(webhook: Webhook) -> None:
         data=b'{"code": 500, "message": "\\ud800"}', content_type="application/json"
     )
     _assert_refused(response, 422, webhook)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # Clears the screen, sets the window title, prints a fake line on the operator's tty.
+        "Export failed\x1b[2J\x1b]0;pwned\x07\r\x1b[32mexport done\x1b[0m",
+        "Export failed\nstate     done",
+        "Export failed\x00",
+        "Export failed\u202e",  # a right-to-left override
+        "Export failed\u2028",  # a line separator
+    ],
+    ids=["esc", "newline", "nul", "bidi-override", "line-separator"],
+)
+def test_message_with_control_characters_refused(webhook: Webhook, message: str) -> None:
+    response = webhook.post(body={"code": 500, "message": message})
+    body = _assert_refused(response, 422, webhook)
+    assert body["detail"] == "'message' contains control characters"
 
 
 @pytest.mark.parametrize(

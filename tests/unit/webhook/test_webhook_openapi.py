@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ def spec() -> dict[str, Any]:
 
 
 def _app_routes() -> set[tuple[str, str]]:
-    app = create_app(load_settings(REDIS_URL="redis://127.0.0.1:1/0", CALLBACK_SECRET="c" * 48))
+    settings = load_settings(
+        REDIS_URL="redis://127.0.0.1:1/0", CALLBACK_SECRET=secrets.token_urlsafe(48)
+    )
+    app = create_app(settings)
     routes = set()
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
@@ -61,3 +65,19 @@ def test_spec_limits_match_the_code(spec: dict[str, Any]) -> None:
     callback = spec["components"]["schemas"]["Callback"]["properties"]
     assert callback["message"]["maxLength"] == MAX_MESSAGE_CHARS
     assert (callback["code"]["minimum"], callback["code"]["maximum"]) == (100, 599)
+
+
+def test_spec_message_pattern_refuses_what_the_webhook_refuses(spec: dict[str, Any]) -> None:
+    """Every character of the Basic Multilingual Plane: the pattern allows it exactly when
+    the webhook does (no control character)."""
+    from worker.control_chars import has_control
+
+    message = spec["components"]["schemas"]["Callback"]["properties"]["message"]
+    pattern = re.compile(message["pattern"])
+    wrong = [
+        hex(cp)
+        for cp in range(0x10000)
+        if not 0xD800 <= cp < 0xE000  # surrogates: refused as invalid Unicode, not by pattern
+        and (pattern.fullmatch(chr(cp)) is None) != has_control(chr(cp))
+    ]
+    assert wrong == []

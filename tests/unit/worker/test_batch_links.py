@@ -19,8 +19,8 @@ def test_a_merged_key_of_the_batch_is_linked_and_its_item_not_requested_again() 
     rt = make_runtime(APSIS_CLIENT_ID="id", APSIS_CLIENT_SECRET="secret")
     items = [BatchItem(export_key=k, reference=None) for k in (A, MERGED, B)]
     assert batches.create(rt, "b1", items, options=ExportOptions())
-    run_job(rt, "b1-0", export_key=A, batch_id="b1", body=export_body(A, merged=[MERGED, B]))
-    body = json.loads(rt.storage.get_bytes("jobs/b1-0/manifest.json"))
+    run_job(rt, "b1.0", export_key=A, batch_id="b1", body=export_body(A, merged=[MERGED, B]))
+    body = json.loads(rt.storage.get_bytes("jobs/b1.0/manifest.json"))
     entries = {p["export_key"]: p for p in body["profiles"]}
     assert "batch_item" not in entries[A]
     assert entries[MERGED]["batch_item"] == 1 and "linked_job" not in entries[MERGED]
@@ -30,24 +30,24 @@ def test_a_merged_key_of_the_batch_is_linked_and_its_item_not_requested_again() 
         "history_entries": 1,
         "events": 1,
     }
-    # Item 1 was held as a merged profile by the finished job b1-0: counted as linked.
+    # Item 1 was held as a merged profile by the finished job b1.0: counted as linked.
     rt.redis.hset(batches.batch_key("b1"), "submitted", 1)
     assert batches.skip_if_linked(rt, "b1", 1)
     batch = batches.get(rt, "b1")
     assert (batch.submitted, batch.linked, batch.in_flight) == (2, 1, 0)
     row = batches._summary_row(rt, batch, 1)
-    assert row[0] == MERGED and row[2] == "linked" and row[-1] == "b1-0"
+    assert row[0] == MERGED and row[2] == "linked" and row[-1] == "b1.0"
 
 
 def test_a_merged_key_whose_item_already_has_a_job_names_that_job() -> None:
     rt = make_runtime(APSIS_CLIENT_ID="id", APSIS_CLIENT_SECRET="secret")
     items = [BatchItem(export_key=k, reference=None) for k in (A, B)]
     batches.create(rt, "b2", items, options=ExportOptions())
-    run_job(rt, "b2-1", export_key=B, batch_id="b2")
-    run_job(rt, "b2-0", export_key=A, batch_id="b2", body=export_body(A, merged=[B]))
-    body = json.loads(rt.storage.get_bytes("jobs/b2-0/manifest.json"))
+    run_job(rt, "b2.1", export_key=B, batch_id="b2")
+    run_job(rt, "b2.0", export_key=A, batch_id="b2", body=export_body(A, merged=[B]))
+    body = json.loads(rt.storage.get_bytes("jobs/b2.0/manifest.json"))
     merged = body["profiles"][1]
-    assert (merged["batch_item"], merged["linked_job"]) == (1, "b2-1")
+    assert (merged["batch_item"], merged["linked_job"]) == (1, "b2.1")
     assert not batches.skip_if_linked(rt, "b2", 1)  # it has its own job
 
 

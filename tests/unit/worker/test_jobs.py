@@ -5,7 +5,7 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from worker.errors import JobNotFound
+from worker.errors import JobIdConflict, JobNotFound
 from worker.jobs import ExportOptions, JobStore, State
 
 
@@ -28,8 +28,14 @@ def _create(jobs: JobStore, job_id: str = "job1", **kwargs: object) -> None:
 
 def test_create_is_idempotent_on_the_job_id(jobs: JobStore) -> None:
     _create(jobs)
+    # The same request again (another reference or deadline is no different export): one job.
     assert not jobs.create(
-        "job1", export_key="other", account="acct", options=ExportOptions(), deadline_seconds=1
+        "job1",
+        export_key="someone@example.com",
+        account="acct",
+        options=ExportOptions(include_attribute_history=True),
+        deadline_seconds=1,
+        reference="REF-2",
     )
     job = jobs.get("job1")
     assert job.export_key == "someone@example.com"
@@ -37,6 +43,66 @@ def test_create_is_idempotent_on_the_job_id(jobs: JobStore) -> None:
     assert job.options.include_attribute_history
     assert job.reference == "REF-1"
     assert jobs.counts() == {"queued": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "value"),
+    [
+        ("export_key", "frank@example.com"),
+        ("account", "other-acct"),
+        ("options", ExportOptions()),
+        ("batch_id", "DSAR"),
+    ],
+)
+def test_a_reused_job_id_for_another_export_is_refused(
+    jobs: JobStore, change: str, value: object
+) -> None:
+    _create(jobs)
+    request: dict[str, object] = {
+        "export_key": "someone@example.com",
+        "account": "acct",
+        "options": ExportOptions(include_attribute_history=True),
+        "deadline_seconds": 3600,
+    }
+    request[change] = value
+    with pytest.raises(JobIdConflict, match="job id job1 is already used for a different"):
+        jobs.create("job1", **request)  # type: ignore[arg-type]
+    job = jobs.get("job1")  # untouched: still the first request's job
+    assert (job.export_key, job.account, job.batch_id) == ("someone@example.com", "acct", None)
+    assert jobs.counts() == {"queued": 1}
+
+
+def test_the_stored_purpose_says_nothing_about_the_export_key(jobs: JobStore) -> None:
+    _create(jobs)
+    raw = jobs._client.hget(jobs.key("job1"), "purpose")
+    assert raw is not None and len(raw) == 64
+    assert b"someone" not in raw
+    assert "purpose" not in jobs.get("job1").extra
+
+
+def test_a_job_created_before_a_secret_rotation_is_still_the_same_job() -> None:
+    client = fakeredis.FakeRedis()
+    old, new = "o" * 40, "n" * 40
+    request = {"account": "acct", "options": ExportOptions(), "deadline_seconds": 60}
+    JobStore(client, secrets=(old,)).create("job1", export_key="a@example.com", **request)  # type: ignore[arg-type]
+    rotated = JobStore(client, secrets=(new, old))
+    assert not rotated.create("job1", export_key="a@example.com", **request)  # type: ignore[arg-type]
+    with pytest.raises(JobIdConflict):
+        rotated.create("job1", export_key="b@example.com", **request)  # type: ignore[arg-type]
+    # Without the old secret the first digest is not recognised: refused, never reused.
+    with pytest.raises(JobIdConflict):
+        JobStore(client, secrets=(new,)).create("job1", export_key="a@example.com", **request)  # type: ignore[arg-type]
+
+
+def test_a_record_from_before_purposes_compares_what_it_holds(jobs: JobStore) -> None:
+    _create(jobs)
+    jobs._client.hdel(jobs.key("job1"), "purpose")  # as written by the previous release
+    same = {"account": "acct", "options": ExportOptions(), "deadline_seconds": 60}
+    assert not jobs.create("job1", export_key="someone@example.com", **same)  # type: ignore[arg-type]
+    with pytest.raises(JobIdConflict):
+        jobs.create("job1", export_key="frank@example.com", **same)  # type: ignore[arg-type]
+    with pytest.raises(JobIdConflict):
+        jobs.create("job1", export_key="someone@example.com", batch_id="B", **same)  # type: ignore[arg-type]
 
 
 def test_unknown_job_raises_job_not_found(jobs: JobStore) -> None:

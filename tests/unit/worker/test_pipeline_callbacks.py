@@ -117,14 +117,14 @@ def test_a_batch_whose_last_job_fails_by_callback_is_finalized_at_once() -> None
 
     rt = make_runtime(APSIS_CLIENT_ID="id", APSIS_CLIENT_SECRET="secret")
     batches.create(rt, "b1", [BatchItem("only@example.com")], options=ExportOptions())
-    pipeline.submit(rt, "only@example.com", options=ExportOptions(), job_id="b1-0", batch_id="b1")
+    pipeline.submit(rt, "only@example.com", options=ExportOptions(), job_id="b1.0", batch_id="b1")
     for _ in range(pipeline.MAX_ATTEMPTS - 1):
-        rt.jobs.transition("b1-0", State.REQUESTED)
-        rt.jobs.transition("b1-0", State.QUEUED, new_attempt=True)
-    rt.jobs.transition("b1-0", State.REQUESTED)
+        rt.jobs.transition("b1.0", State.REQUESTED)
+        rt.jobs.transition("b1.0", State.QUEUED, new_attempt=True)
+    rt.jobs.transition("b1.0", State.REQUESTED)
     sent = Dispatched()
     rt.dispatch = sent
-    last = Callback("9-0", "b1-0", pipeline.MAX_ATTEMPTS, 500, "boom", 0.0)
+    last = Callback("9-0", "b1.0", pipeline.MAX_ATTEMPTS, 500, "boom", 0.0)
     assert pipeline.apply_callback(rt, last, Dispatched()) == "failed"
     # Not left for the watchdog to notice minutes later: the batch is finalized now.
     assert (batches.FINALIZE_TASK, ["b1"]) in sent
