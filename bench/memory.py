@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker.jobs import FINAL, JobStore, State
-from worker.runtime import redis_client
-from worker.stack import LocalStack
+from worker.cli.stack import LocalStack
+from worker.flow.runtime import redis_client
+from worker.model.jobs import FINAL, JobStore, State
 
 MB = 1_000_000
 

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 import requests
 
-from worker.stack import LocalStack
+from worker.cli.stack import LocalStack
 
 #: The scaled-down limit the sandbox enforces, in export requests per second.
 ALLOWED = 20

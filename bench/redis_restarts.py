@@ -17,8 +17,8 @@ from pathlib import Path
 import redis
 import requests
 
-from worker.jobs import JobStore
-from worker.stack import LocalStack, queued_task_ids, retrying, unacked_task_ids
+from worker.cli.stack import LocalStack, queued_task_ids, retrying, unacked_task_ids
+from worker.model.jobs import JobStore
 
 ENV = {
     "APSIS_EXPORT_RATE": "400",

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from sandbox.config import SandboxConfig
-from worker.stack import LocalStack
+from worker.cli.stack import LocalStack
 
 #: Rates told to the pool so its own limiter never paces a benchmark (per second; per minute
 #: for downloads): the benchmarks measure the machinery, not APSIS's quota (bench/quota does).

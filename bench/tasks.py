@@ -9,7 +9,7 @@ import time
 
 from celery import shared_task
 
-from worker.runtime import get_runtime
+from worker.flow.runtime import get_runtime
 
 #: The Redis list each run appends its latency to (seconds from send_task to start).
 NOOP_LATENCIES = "bench:noop:latency"

@@ -21,10 +21,10 @@ import time
 from typing import Any
 
 from bench.report import bench_stack, emit, redis_of
-from worker import callback_token
-from worker.embedded import free_port
-from worker.jobs import ExportOptions, JobStore, State
-from worker.stack import wait_http
+from worker.cli.embedded import free_port
+from worker.cli.stack import wait_http
+from worker.model import callback_token
+from worker.model.jobs import ExportOptions, JobStore, State
 
 #: Seconds of load per round and side.
 SECONDS = 5.0

@@ -1,4 +1,4 @@
-"""The export's Celery tasks: thin, each a few lines calling into ``worker.pipeline``."""
+"""The export's Celery tasks: thin, each a few lines calling into ``worker.flow.pipeline``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import redis
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from worker import batches, pipeline
-from worker.batch_file import BatchItem
-from worker.celery import send_chain, send_task
 from worker.errors import InputError
-from worker.jobs import ExportOptions
-from worker.runtime import get_runtime
+from worker.flow import batches, pipeline
+from worker.flow.batch_file import BatchItem
+from worker.flow.runtime import get_runtime
+from worker.model.jobs import ExportOptions
+from worker.queue.app import send_chain, send_task
 
 P = ParamSpec("P")
 R = TypeVar("R")

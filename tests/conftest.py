@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.embedded import EmbeddedRedis
+from worker.cli.embedded import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from worker.config import Settings, load_settings
-from worker.inbox import Inbox
-from worker.jobs import JobStore
-from worker.runtime import redis_client
+from worker.flow.runtime import redis_client
+from worker.model.inbox import Inbox
+from worker.model.jobs import JobStore
 
 #: Seconds a Redis call from the webhook may take before it answers 503 (APSIS retries).
 WEBHOOK_REDIS_TIMEOUT = 2.0

@@ -8,7 +8,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook.app import resources
-from worker import callback_token, control_chars, metrics
+from worker.model import callback_token, control_chars
+from worker.telemetry import metrics
 
 bp = Blueprint("callbacks", __name__)
 log = logging.getLogger("apsis.webhook")

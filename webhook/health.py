@@ -6,8 +6,8 @@ import redis
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from webhook.app import resources
+from worker.deliverable.storage import Storage
 from worker.errors import ExportError
-from worker.storage import Storage
 
 bp = Blueprint("health", __name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app
 
 from webhook.app import resources
-from worker import metrics
+from worker.telemetry import metrics
 
 bp = Blueprint("metrics", __name__)
 

@@ -8,8 +8,8 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from webhook.app import create_app
-from worker import metrics
 from worker.config import Settings
+from worker.telemetry import metrics
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]

@@ -18,10 +18,10 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
 from webhook.app import resources
-from worker import metrics
-from worker.batches import RUNNING_KEY, batch_key
-from worker.inbox import STREAM
-from worker.jobs import JobStore
+from worker.flow.batches import RUNNING_KEY, batch_key
+from worker.model.inbox import STREAM
+from worker.model.jobs import JobStore
+from worker.telemetry import metrics
 
 bp = Blueprint("status", __name__)
 

@@ -244,7 +244,7 @@ class Settings(BaseSettings):
     def _encryption_key(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        from worker.envelope import parse_key_ring
+        from worker.deliverable.envelope import parse_key_ring
 
         parse_key_ring(value)  # ValueError without echoing the key
         return value

@@ -12,7 +12,7 @@ import redis
 from e2e_support import StackFactory
 from moto.server import ThreadedMotoServer
 
-from worker.stack import LocalStack
+from worker.cli.stack import LocalStack
 
 
 @pytest.fixture

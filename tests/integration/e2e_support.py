@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.jobs import FINAL, Job, JobStore
-from worker.stack import LocalStack
+from worker.cli.stack import LocalStack
+from worker.model.jobs import FINAL, Job, JobStore
 
 StackFactory = Callable[..., LocalStack]
 

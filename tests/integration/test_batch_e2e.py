@@ -12,8 +12,8 @@ import redis
 import requests
 from e2e_support import StackFactory
 
-from worker.stack import LocalStack
-from worker.storage import Storage
+from worker.cli.stack import LocalStack
+from worker.deliverable.storage import Storage
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,7 @@ def test_cancel_stops_new_requests_within_a_second(
         assert time.monotonic() < deadline, "the batch did not start"
         time.sleep(0.05)
 
-    from worker.cli import main
+    from worker.cli.commands import main
 
     for name in ("REDIS_URL", "STORAGE_URL", "CALLBACK_SECRET"):
         monkeypatch.setenv(name, stack.env[name])

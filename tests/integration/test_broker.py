@@ -1,4 +1,4 @@
-"""Taking task messages from Redis so that a lost connection loses none (worker/broker.py).
+"""Taking task messages from Redis so that a lost connection loses none (worker/queue/broker.py).
 
 kombu alone takes a message with BRPOP and records it as unacknowledged afterwards; a Redis
 restart or a killed worker between the two loses the message, and a failed acknowledgement
@@ -18,19 +18,19 @@ import kombu
 import pytest
 import redis
 
-from worker import inflight
-from worker.embedded import EmbeddedRedis
-from worker.jobs import JobStore
-from worker.runtime import redis_client
-from worker.stack import LocalStack, retrying
+from worker.cli.embedded import EmbeddedRedis
+from worker.cli.stack import LocalStack, retrying
+from worker.flow.runtime import redis_client
+from worker.model.jobs import JobStore
+from worker.queue import inflight
 
 pytestmark = pytest.mark.integration
 
 QUEUE = "broker-test"
 #: Seconds both workers have to take a task after the last restart: the broker connection's
-#: health check (worker/celery.py) finds a dead one within about 2 x 5 s + 1 s.
+#: health check (worker/queue/app.py) finds a dead one within about 2 x 5 s + 1 s.
 AFTER_RESTARTS_WITHIN = 45.0
-TRANSPORT = "worker.broker:Transport"
+TRANSPORT = "worker.queue.broker:Transport"
 
 
 def _publish(conn: kombu.Connection, body: dict[str, Any], **options: Any) -> None:

@@ -22,11 +22,11 @@ import redis
 import requests
 from e2e_support import StackFactory, wait_final
 
-from worker import callback_token
-from worker.apsis import CONNECT_TIMEOUT
-from worker.jobs import Job, JobStore, State
-from worker.stack import LocalStack
-from worker.storage import Storage
+from worker.apsis.client import CONNECT_TIMEOUT
+from worker.cli.stack import LocalStack
+from worker.deliverable.storage import Storage
+from worker.model import callback_token
+from worker.model.jobs import Job, JobStore, State
 
 pytestmark = pytest.mark.integration
 

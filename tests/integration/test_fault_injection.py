@@ -44,11 +44,11 @@ from fault_support import (
     leased_jobs,
 )
 
-from worker import callback_token
-from worker.inbox import GROUP, STREAM
-from worker.jobs import FINAL, Job, JobStore, State
-from worker.stack import LocalStack, queued_task_ids, retrying, unacked_task_ids
-from worker.storage import Storage
+from worker.cli.stack import LocalStack, queued_task_ids, retrying, unacked_task_ids
+from worker.deliverable.storage import Storage
+from worker.model import callback_token
+from worker.model.inbox import GROUP, STREAM
+from worker.model.jobs import FINAL, Job, JobStore, State
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -17,8 +17,8 @@ import pytest
 import redis
 from e2e_support import StackFactory
 
-from worker.stack import LocalStack
-from worker.storage import Storage
+from worker.cli.stack import LocalStack
+from worker.deliverable.storage import Storage
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ import redis
 import requests
 from e2e_support import wait_final
 
-from worker.jobs import Job, JobStore, State
-from worker.stack import LocalStack
+from worker.cli.stack import LocalStack
+from worker.model.jobs import Job, JobStore, State
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ import requests
 from e2e_support import OUTPUT, find_chromium, screenshot
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.stack import LocalStack
+from worker.cli.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ import redis
 from celery import chain
 from e2e_support import StackFactory, wait_final
 
-from worker.jobs import JobStore, State
-from worker.stack import LocalStack
-from worker.storage import Storage
+from worker.cli.stack import LocalStack
+from worker.deliverable.storage import Storage
+from worker.model.jobs import JobStore, State
 
 pytestmark = pytest.mark.integration
 

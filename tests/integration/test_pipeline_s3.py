@@ -10,7 +10,7 @@ import pytest
 import redis
 from e2e_support import StackFactory, wait_final
 
-from worker.jobs import JobStore, State
+from worker.model.jobs import JobStore, State
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from e2e_support import (
     wait_final,
 )
 
-from worker.jobs import JobStore, State
-from worker.storage import Storage
+from worker.deliverable.storage import Storage
+from worker.model.jobs import JobStore, State
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""worker/storage.py against a real S3 protocol server (moto on 127.0.0.1)."""
+"""worker/deliverable/storage.py against a real S3 protocol server (moto on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import boto3
 import pytest
 
+from worker.deliverable.storage import UPLOAD_PART_BYTES, Storage
 from worker.errors import StorageError
-from worker.storage import UPLOAD_PART_BYTES, Storage
 
 pytestmark = pytest.mark.integration
 

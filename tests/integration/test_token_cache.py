@@ -12,8 +12,8 @@ import redis
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
-from worker.apsis import ApsisClient, Limits
-from worker.ratelimit import Limit
+from worker.apsis.client import ApsisClient, Limits
+from worker.apsis.ratelimit import Limit
 
 pytestmark = pytest.mark.integration
 

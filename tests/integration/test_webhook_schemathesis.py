@@ -28,9 +28,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from worker import callback_token
-from worker.embedded import free_port
-from worker.jobs import ExportOptions, JobStore, State
+from worker.cli.embedded import free_port
+from worker.model import callback_token
+from worker.model.jobs import ExportOptions, JobStore, State
 
 pytestmark = pytest.mark.integration
 

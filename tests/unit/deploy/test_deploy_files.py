@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from worker import metrics
+from worker.telemetry import metrics
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"

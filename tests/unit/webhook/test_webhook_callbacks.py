@@ -16,10 +16,10 @@ from flask.testing import FlaskClient
 
 from webhook.app import WebhookResources, create_app
 from webhook.callbacks import FLOOD_LIMIT, MAX_MESSAGE_CHARS
-from worker import callback_token
 from worker.config import Settings, load_settings
-from worker.inbox import STREAM, Inbox
-from worker.jobs import ExportOptions, JobStore, State
+from worker.model import callback_token
+from worker.model.inbox import STREAM, Inbox
+from worker.model.jobs import ExportOptions, JobStore, State
 
 SECRET = secrets.token_urlsafe(48)
 PREVIOUS = secrets.token_urlsafe(48)

@@ -70,7 +70,7 @@ def test_spec_limits_match_the_code(spec: dict[str, Any]) -> None:
 def test_spec_message_pattern_refuses_what_the_webhook_refuses(spec: dict[str, Any]) -> None:
     """Every character of the Basic Multilingual Plane: the pattern allows it exactly when
     the webhook does (no control character)."""
-    from worker.control_chars import has_control
+    from worker.model.control_chars import has_control
 
     message = spec["components"]["schemas"]["Callback"]["properties"]["message"]
     pattern = re.compile(message["pattern"])

@@ -13,10 +13,10 @@ from flask.testing import FlaskClient
 
 from webhook.app import WebhookResources, create_app
 from webhook.status import public_reason
-from worker import callback_token
 from worker.config import load_settings
-from worker.inbox import Inbox
-from worker.jobs import ExportOptions, JobStore, State
+from worker.model import callback_token
+from worker.model.inbox import Inbox
+from worker.model.jobs import ExportOptions, JobStore, State
 
 SECRET = secrets.token_urlsafe(48)
 TOKEN = secrets.token_urlsafe(32)

@@ -10,12 +10,12 @@ from typing import Any, BinaryIO
 
 import fakeredis
 
-from worker import pipeline
-from worker.apsis import Downloaded
+from worker.apsis.client import Downloaded
 from worker.config import Settings, load_settings
-from worker.jobs import ExportOptions, State
-from worker.runtime import Runtime, runtime_on
-from worker.storage import Storage
+from worker.deliverable.storage import Storage
+from worker.flow import pipeline
+from worker.flow.runtime import Runtime, runtime_on
+from worker.model.jobs import ExportOptions, State
 
 REQUESTED = "zoe@example.com"
 
@@ -30,7 +30,7 @@ class FakeApsis:
 
 
 def runtime_on_fakeredis(settings: Settings, storage: Storage | None = None) -> Runtime:
-    """What worker.runtime.build_runtime builds, on an in-process fakeredis (no socket) and
+    """What worker.flow.runtime.build_runtime builds, on an in-process fakeredis (no socket) and
     memory storage unless ``storage`` is given."""
     return runtime_on(settings, fakeredis.FakeRedis(), storage or Storage("memory:///"))
 

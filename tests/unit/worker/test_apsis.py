@@ -1,4 +1,4 @@
-"""Tests for worker/apsis.py: the client against the in-process sandbox, and its URL policy."""
+"""worker/apsis/client.py: the client against the in-process sandbox, and its URL policy."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sandbox.app import sandbox_state
 from sandbox.config import SandboxConfig
 from sandbox.state import SandboxState
 from sandbox.wsgi_transport import WSGITransport
-from worker.apsis import (
+from worker.apsis.client import (
     MAX_RETRY_AFTER,
     ApsisClient,
     DownloadPolicy,
@@ -30,6 +30,7 @@ from worker.apsis import (
     max_lateness,
     retry_after_seconds,
 )
+from worker.apsis.ratelimit import Limit
 from worker.errors import (
     ApsisAuthError,
     DownloadError,
@@ -39,7 +40,6 @@ from worker.errors import (
     RateLimited,
     RetryableApsisError,
 )
-from worker.ratelimit import Limit
 
 #: Loopback http, so the production DownloadPolicy's sandbox rule applies unchanged. The
 #: sandbox transport is mounted on this prefix; port 1 is never dialled.

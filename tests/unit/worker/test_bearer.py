@@ -1,4 +1,4 @@
-"""Tests for worker/bearer.py: the pool's shared token, its renewal and its single flight."""
+"""Tests for worker/apsis/bearer.py: the pool's shared token, its renewal and its single flight."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 
 from sandbox import jwt
-from worker.bearer import BearerToken, TokenCache, jwt_times
+from worker.apsis.bearer import BearerToken, TokenCache, jwt_times
 from worker.errors import ApsisAuthError, RetryableApsisError
 
 HOUR = 3600.0

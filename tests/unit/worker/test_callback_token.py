@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.callback_token import (
+from worker.model.callback_token import (
     CallbackClaim,
     ExpiredCallbackToken,
     InvalidCallbackToken,

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 from job_support import runtime_on_fakeredis
 
-from worker import cli
+from worker.cli import commands as cli
 from worker.config import Settings, load_settings
-from worker.runtime import Runtime
+from worker.flow.runtime import Runtime
 
 SECRET = secrets.token_urlsafe(48)
 #: Connecting to port 1 on loopback is refused at once: no wait, no server needed.
@@ -137,7 +137,7 @@ def test_unreachable_redis_exits_1_naming_redis_without_the_password(
 def test_worker_with_unreachable_redis_exits_1_before_celery_starts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.celery import app
+    from worker.queue.app import app
 
     started: list[object] = []
     monkeypatch.setattr(app, "worker_main", lambda argv=None: started.append(argv))
@@ -159,7 +159,7 @@ def test_worker_with_unreachable_redis_exits_1_before_celery_starts(
 def test_worker_without_credentials_exits_2_naming_the_missing_variable(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.celery import app
+    from worker.queue.app import app
 
     started: list[object] = []
     monkeypatch.setattr(app, "worker_main", lambda argv=None: started.append(argv))

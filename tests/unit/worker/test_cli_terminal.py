@@ -8,11 +8,12 @@ from collections.abc import Iterator
 import pytest
 from job_support import runtime_on_fakeredis
 
-from worker import batches, cli, pipeline
-from worker.batch_file import BatchItem
+from worker.cli import commands as cli
 from worker.config import Settings, load_settings
-from worker.jobs import ExportOptions, State
-from worker.runtime import Runtime
+from worker.flow import batches, pipeline
+from worker.flow.batch_file import BatchItem
+from worker.flow.runtime import Runtime
+from worker.model.jobs import ExportOptions, State
 
 #: Clears the screen, sets the window title and prints a fake green "done" line.
 EVIL = "Export failed\x1b[2J\x1b]0;pwned\x07\r\n\x1b[32mstate     done\x1b[0m\u202e"
@@ -88,7 +89,7 @@ def test_batch_status_shows_the_reference_escaped(
 def test_export_wait_prints_the_failure_escaped(
     capsys: pytest.CaptureFixture[str], rt: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.celery import app
+    from worker.queue.app import app
 
     # The same request was made before and has failed: --wait reports it at once.
     _failed_job(rt, "j2")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worker import cli
+from worker.cli import commands as cli
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
 
@@ -92,7 +92,7 @@ def test_each_shipped_placeholder_stops_every_command_with_one_line_and_exit_2(
 
 
 def test_the_celery_worker_refuses_the_shipped_callback_secret_before_starting() -> None:
-    """``celery -A worker worker`` reads the settings when worker.celery is imported."""
+    """``celery -A worker worker`` reads the settings when worker.queue.app is imported."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES}
     env |= {
         "STORAGE_URL": "memory:///",
@@ -100,7 +100,7 @@ def test_the_celery_worker_refuses_the_shipped_callback_secret_before_starting()
         "CALLBACK_SECRET": SHIPPED_SECRETS["CALLBACK_SECRET"],
     }
     done = subprocess.run(
-        [sys.executable, "-c", "import worker.celery"],
+        [sys.executable, "-c", "import worker.queue.app"],
         env=env,
         cwd=ROOT,
         capture_output=True,

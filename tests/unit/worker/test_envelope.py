@@ -1,4 +1,4 @@
-"""worker/envelope.py and encrypted Storage: round trip, no plaintext at rest, tampering."""
+"""worker/deliverable/envelope.py with Storage: round trip, no plaintext at rest, tampering."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from job_support import make_runtime, run_job
 
-from worker import envelope, verify
 from worker.config import load_settings
+from worker.deliverable import envelope
+from worker.deliverable.storage import Storage
 from worker.errors import ConfigError, StorageError
-from worker.storage import Storage
+from worker.ops import verify
 
 
 def _key() -> str:

@@ -1,4 +1,4 @@
-"""Tests for worker/export_file.py: splitting, counts, names, exact values, corruption."""
+"""worker/deliverable/export_file.py: splitting, counts, names, exact values, corruption."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from worker.deliverable.export_file import Counts, sha256_file, split_export
 from worker.errors import CorruptExport
-from worker.export_file import Counts, sha256_file, split_export
 
 SECTION = "usercreated.sections.my_section-h4h3dpu3qi"
 EMAIL = "com.apsis1.attributes.email"

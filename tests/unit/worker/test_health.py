@@ -1,4 +1,4 @@
-"""worker/health.py: the worker probe's verdict and its one line."""
+"""worker/ops/health.py: the worker probe's verdict and its one line."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any, cast
 
 import fakeredis
 
-from worker import metrics
-from worker.health import check_node
-from worker.runtime import Runtime
-from worker.storage import Storage
+from worker.deliverable.storage import Storage
+from worker.flow.runtime import Runtime
+from worker.ops.health import check_node
+from worker.telemetry import metrics
 
 
 def _rt(tmp_path: Path, server: fakeredis.FakeServer) -> Runtime:

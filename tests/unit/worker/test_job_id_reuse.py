@@ -18,14 +18,16 @@ import pytest
 import yaml
 from job_support import make_runtime, runtime_on_fakeredis
 
-from worker import batches, callback_token, cli, pipeline
-from worker.apsis import Limits
-from worker.batch_file import BatchItem
+from worker.apsis.client import Limits
+from worker.apsis.ratelimit import Limit
+from worker.cli import commands as cli
 from worker.config import Settings, load_settings
 from worker.errors import InvalidExportKey, JobIdConflict
-from worker.jobs import ExportOptions, State
-from worker.ratelimit import Limit
-from worker.runtime import Runtime
+from worker.flow import batches, pipeline
+from worker.flow.batch_file import BatchItem
+from worker.flow.runtime import Runtime
+from worker.model import callback_token
+from worker.model.jobs import ExportOptions, State
 
 SECRET = "T3ZqZ0tXbXlVb0VjZ1pSd0Nqc2F0ZXN0LW9ubHk4NzY1"
 OPENAPI = Path(__file__).resolve().parents[3] / "webhook" / "openapi.yaml"
@@ -170,7 +172,7 @@ def cli_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
 
 
 def _sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
-    from worker.celery import app
+    from worker.queue.app import app
 
     sent: list[tuple[str, Any]] = []
     monkeypatch.setattr(app, "send_task", lambda name, **kw: sent.append((name, kw)))

@@ -1,4 +1,4 @@
-"""worker/jobs.py: the job record and its atomic, idempotent transitions."""
+"""worker/model/jobs.py: the job record and its atomic, idempotent transitions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 
 from worker.errors import JobIdConflict, JobNotFound
-from worker.jobs import ExportOptions, JobStore, State
+from worker.model.jobs import ExportOptions, JobStore, State
 
 
 @pytest.fixture

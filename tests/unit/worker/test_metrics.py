@@ -1,4 +1,4 @@
-"""worker/metrics.py: what the counters record, the pool gauges read from Redis, no ids."""
+"""worker/telemetry/metrics.py: what the counters record, the pool gauges read from Redis, no ids"""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import fakeredis
 import pytest
 from prometheus_client.core import Metric
 
-from worker import metrics
-from worker.inbox import Inbox
-from worker.jobs import ExportOptions, JobStore, State
+from worker.model.inbox import Inbox
+from worker.model.jobs import ExportOptions, JobStore, State
+from worker.telemetry import metrics
 
 
 def _sample(name: str, labels: dict[str, str] | None = None) -> float:

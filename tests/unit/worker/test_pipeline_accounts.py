@@ -11,10 +11,11 @@ from typing import Any
 
 from job_support import make_runtime
 
-from worker import batches, manifest, pipeline
-from worker.batch_file import BatchItem
-from worker.jobs import ExportOptions, State
-from worker.runtime import Runtime, runtime_on
+from worker.deliverable import manifest
+from worker.flow import batches, pipeline
+from worker.flow.batch_file import BatchItem
+from worker.flow.runtime import Runtime, runtime_on
+from worker.model.jobs import ExportOptions, State
 
 APAC = {
     "apac": {"base_url": "https://api-apac.apsis.one", "client_id": "c1", "client_secret": "s1"}

@@ -1,4 +1,4 @@
-"""worker/pipeline.py's callback handling: idempotent, attempt-aware, one fetch per ready."""
+"""worker/flow/pipeline.py's callback handling: idempotent, attempt-aware, one fetch per ready."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from job_support import make_runtime
 
-from worker import pipeline
 from worker.errors import InvalidExportKey
-from worker.inbox import Callback
-from worker.jobs import ExportOptions, State
-from worker.runtime import Runtime
+from worker.flow import pipeline
+from worker.flow.runtime import Runtime
+from worker.model.inbox import Callback
+from worker.model.jobs import ExportOptions, State
 
 
 @pytest.fixture
@@ -112,8 +112,8 @@ def test_backoff_honours_retry_after_and_caps() -> None:
 
 
 def test_a_batch_whose_last_job_fails_by_callback_is_finalized_at_once() -> None:
-    from worker import batches
-    from worker.batch_file import BatchItem
+    from worker.flow import batches
+    from worker.flow.batch_file import BatchItem
 
     rt = make_runtime(APSIS_CLIENT_ID="id", APSIS_CLIENT_SECRET="secret")
     batches.create(rt, "b1", [BatchItem("only@example.com")], options=ExportOptions())

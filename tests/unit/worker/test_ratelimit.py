@@ -1,11 +1,11 @@
-"""Tests for worker/ratelimit.py: the pool-wide GCRA buckets in Redis."""
+"""Tests for worker/apsis/ratelimit.py: the pool-wide GCRA buckets in Redis."""
 
 from __future__ import annotations
 
 import fakeredis
 import pytest
 
-from worker.ratelimit import RATE_SAFETY, Limit, RateLimiter
+from worker.apsis.ratelimit import RATE_SAFETY, Limit, RateLimiter
 
 #: Slack for the real time between two calls (fakeredis's TIME is the wall clock).
 SLACK = 0.01

@@ -1,4 +1,4 @@
-"""worker/report.py: escaping, capped tables, names from definitions, report.json."""
+"""worker/deliverable/report.py: escaping, capped tables, names from definitions, report.json."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from worker.export_file import split_export
-from worker.report import write_report
+from worker.deliverable.export_file import split_export
+from worker.deliverable.report import write_report
 
 SECTION = "usercreated.sections.main-abc"
 EMAIL = "com.apsis1.attributes.email"

@@ -1,4 +1,4 @@
-"""worker/retention.py: ended jobs deleted after RETENTION_DAYS by the sweep, on a fake clock."""
+"""worker/flow/retention.py: ended jobs deleted after RETENTION_DAYS by the sweep (fake clock)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 from job_support import make_runtime, run_job
 
-from worker import pipeline, retention, watchdog
-from worker.inbox import EVENTS_STREAM
-from worker.jobs import State
-from worker.runtime import Runtime
+from worker.flow import pipeline, retention, watchdog
+from worker.flow.runtime import Runtime
+from worker.model.inbox import EVENTS_STREAM
+from worker.model.jobs import State
 
 T0 = 1_700_000_000.0
 DAY = 86_400

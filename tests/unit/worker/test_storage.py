@@ -1,4 +1,4 @@
-"""Tests for worker/storage.py on file:// (a tmp folder) and memory:///."""
+"""Tests for worker/deliverable/storage.py on file:// (a tmp folder) and memory:///."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.deliverable.storage import DOWNLOAD_CHUNK_BYTES, UPLOAD_PART_BYTES, Storage
 from worker.errors import StorageError
-from worker.storage import DOWNLOAD_CHUNK_BYTES, UPLOAD_PART_BYTES, Storage
 
 
 @pytest.fixture(params=["file", "memory"])

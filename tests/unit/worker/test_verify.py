@@ -1,4 +1,4 @@
-"""worker/verify.py: every object re-read and hashed; tampered, missing and extra objects."""
+"""worker/ops/verify.py: every object re-read and hashed; tampered, missing and extra objects."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from job_support import make_runtime, run_job
 
-from worker import verify
-from worker.cli import main
+from worker.cli.commands import main
+from worker.ops import verify
 
 
 def test_a_fresh_job_verifies_clean_and_lists_every_object() -> None:
@@ -51,7 +51,7 @@ def test_the_cli_exits_1_on_a_problem_and_0_when_clean(
 ) -> None:
     rt = make_runtime()
     run_job(rt, "j1")
-    monkeypatch.setattr("worker.cli.build_runtime", lambda settings: rt)
+    monkeypatch.setattr("worker.cli.commands.build_runtime", lambda settings: rt)
     assert main(["verify", "j1"]) == 0
     assert "j1: OK" in capsys.readouterr().out
     rt.storage.put_bytes("jobs/j1/export.json", b"{}")

@@ -1,4 +1,4 @@
-"""worker/watchdog.py: lost callbacks re-requested, deadlines enforced, stuck jobs resumed."""
+"""worker/flow/watchdog.py: lost callbacks re-requested, deadlines enforced, stuck jobs resumed."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from job_support import make_runtime
 
-from worker import pipeline, watchdog
-from worker.jobs import ExportOptions, State
-from worker.lease import JobLease, LeaseBusy
-from worker.runtime import Runtime
+from worker.flow import pipeline, watchdog
+from worker.flow.runtime import Runtime
+from worker.model.jobs import ExportOptions, State
+from worker.model.lease import JobLease, LeaseBusy
 
 NOW = 1_000_000.0
 

@@ -15,15 +15,15 @@ from urllib.parse import urlsplit
 
 import redis
 
-from worker import batches, pipeline
-from worker.batch_file import read_batch_file
 from worker.config import Settings, load_settings
-from worker.control_chars import for_terminal
+from worker.deliverable.storage import Storage
 from worker.errors import BatchFileError, ExportError, InputError, JobNotFound, StorageError
-from worker.jobs import FINAL, ExportOptions, Job, State, new_job_id
-from worker.logs import configure_logging
-from worker.runtime import Runtime, build_runtime
-from worker.storage import Storage
+from worker.flow import batches, pipeline
+from worker.flow.batch_file import read_batch_file
+from worker.flow.runtime import Runtime, build_runtime
+from worker.model.control_chars import for_terminal
+from worker.model.jobs import FINAL, ExportOptions, Job, State, new_job_id
+from worker.telemetry.logs import configure_logging
 
 #: Seconds between two looks at a job while waiting for it.
 WAIT_POLL = 0.5
@@ -69,7 +69,7 @@ def _content_options(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.celery import app
+    from worker.queue.app import app
 
     export_key = pipeline.validate_export_key(args.export_key)
     job_id = pipeline.validate_new_job_id(args.job_id) if args.job_id else new_job_id()
@@ -249,7 +249,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.celery import send_task
+    from worker.queue.app import send_task
 
     rt = build_runtime(settings)
     batch_id = pipeline.validate_job_id(args.batch_id)
@@ -266,7 +266,7 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.celery import send_task
+    from worker.queue.app import send_task
 
     rt = build_runtime(settings)
     job_id = pipeline.validate_job_id(args.job_id)
@@ -278,12 +278,12 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.verify import verify
+    from worker.ops.verify import verify
 
     rt = build_runtime(settings)
     target = pipeline.validate_job_id(args.job_id)
     if not batches.exists(rt, target) and not rt.jobs.exists(target):
-        from worker.retention import deletion_object
+        from worker.flow.retention import deletion_object
 
         if not rt.storage.exists(deletion_object(target)):
             raise JobNotFound(f"no job or batch {target}")
@@ -330,7 +330,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     rt = build_runtime(settings)
     rt.redis.ping()
     _check_storage_in_a_child(settings)
-    from worker.celery import app
+    from worker.queue.app import app
 
     # Our JSON lines from the first line on (Celery's start-up warnings included); no banner.
     configure_logging(settings.LOG_LEVEL)
@@ -355,7 +355,7 @@ def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.health import check_node
+    from worker.ops.health import check_node
 
     health = check_node(build_runtime(settings), node=args.node)
     print(for_terminal(health.line))
@@ -363,7 +363,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    demo = importlib.import_module("worker.demo")
+    demo = importlib.import_module("worker.cli.demo")
     result: int = demo.run(keep=args.keep)
     return result
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import metrics
+from worker.telemetry import metrics
 
 #: Fraction of the documented rate the pool keeps unused by default. APSIS counts requests
 #: as they arrive, and arrival times jitter by tens of ms on a loaded host or a long network

@@ -15,7 +15,7 @@ import obstore
 from obstore.exceptions import BaseError
 from obstore.store import LocalStore, MemoryStore, from_url
 
-from worker.envelope import (
+from worker.deliverable.envelope import (
     EncryptionError,
     KeyRing,
     decrypt_stream,

@@ -20,8 +20,8 @@ from urllib.parse import quote, urlsplit
 import redis
 import requests
 
-from worker import metrics
-from worker.bearer import BearerToken, TokenCache, jwt_times
+from worker.apsis.bearer import BearerToken, TokenCache, jwt_times
+from worker.apsis.ratelimit import Limit, RateLimiter
 from worker.errors import (
     ApsisAuthError,
     ApsisError,
@@ -32,7 +32,7 @@ from worker.errors import (
     RateLimited,
     RetryableApsisError,
 )
-from worker.ratelimit import Limit, RateLimiter
+from worker.telemetry import metrics
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import redis
 
-from worker import metrics
-from worker.inbox import Callback
-from worker.pipeline import Dispatch, apply_callback
-from worker.runtime import Runtime
+from worker.flow.pipeline import Dispatch, apply_callback
+from worker.flow.runtime import Runtime
+from worker.model.inbox import Callback
+from worker.telemetry import metrics
 
 log = logging.getLogger("apsis.inbox")
 

@@ -47,7 +47,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_BATCHES_SCRAPED = 1000
 #: Seconds ahead counted as "due soon" by apsis_export_jobs_due_soon.
 DUE_SOON_SECONDS = 24 * 3600
-#: Seconds an inbox consumer's heartbeat counts as alive (see worker.consumer).
+#: Seconds an inbox consumer's heartbeat counts as alive (see worker.flow.consumer).
 HEARTBEAT_FRESH_SECONDS = 30.0
 #: Sorted set of inbox consumers scored by their last heartbeat (unix seconds).
 HEARTBEATS_KEY = "apsis:heartbeats"
@@ -285,10 +285,10 @@ class PoolCollector(Collector):
         yield from found
 
     def _pool_gauges(self) -> Iterator[Metric]:
-        # Imported here: worker.jobs records metrics itself (it imports this module).
-        from worker.batches import RUNNING_KEY
-        from worker.inbox import STREAM
-        from worker.jobs import JobStore
+        # Imported here: worker.model.jobs records metrics itself (it imports this module).
+        from worker.flow.batches import RUNNING_KEY
+        from worker.model.inbox import STREAM
+        from worker.model.jobs import JobStore
 
         client = self._client
         now = self._now()

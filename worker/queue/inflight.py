@@ -4,7 +4,7 @@ kombu's Redis transport takes a message off the queue with BRPOP and only then r
 unacknowledged (a second round trip). If the connection dies in between (Redis restarts,
 the worker is killed, or Redis exits before sending the BRPOP reply), the message is in
 neither place: lost. Our workers take messages with BLMOVE instead, into an in-flight list
-(``worker.broker``), and remove them from it once recorded. The watchdog sweep puts back on
+(``worker.queue.broker``), and remove them from it once recorded. The watchdog sweep puts back on
 the queue whatever stayed in that list across two sweeps: no live consumer leaves a message
 there for longer than a few milliseconds. It also moves messages sent with a Celery
 ``priority`` (kombu keeps them in lists of their own) to the end of the queue.

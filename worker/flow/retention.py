@@ -12,10 +12,10 @@ import logging
 import time
 from typing import Any
 
-from worker import manifest
+from worker.deliverable import manifest
 from worker.errors import StorageError
-from worker.jobs import State
-from worker.runtime import Runtime
+from worker.flow.runtime import Runtime
+from worker.model.jobs import State
 
 log = logging.getLogger("apsis.retention")
 
@@ -109,7 +109,7 @@ def delete_job(rt: Runtime, job_id: str, *, now: float, reason: str) -> bool:
 
 def delete_batch(rt: Runtime, batch_id: str, *, now: float, reason: str) -> None:
     """Delete a finished batch's objects (summary.csv names every export key) and records."""
-    from worker import batches
+    from worker.flow import batches
 
     key = batches.batch_key(batch_id)
     raw = {k.decode(): v.decode() for k, v in rt.redis.hgetall(key).items()}  # type: ignore[union-attr]

@@ -8,10 +8,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import manifest
+from worker.deliverable import manifest
 from worker.errors import StorageError
-from worker.jobs import State
-from worker.runtime import Runtime
+from worker.flow.runtime import Runtime
+from worker.model.jobs import State
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Verification:
 
 def verify(rt: Runtime, job_or_batch_id: str) -> Verification:
     """Verify a batch (every job of it and its summary) or a single job."""
-    from worker import batches
+    from worker.flow import batches
 
     result = Verification()
     if batches.exists(rt, job_or_batch_id):
@@ -86,7 +86,7 @@ def verify_job(rt: Runtime, job_id: str, out: Verification) -> None:
     job = rt.jobs.find(job_id)
     key = manifest.manifest_object(job_id)
     if job is None:
-        from worker.retention import deletion_object
+        from worker.flow.retention import deletion_object
 
         if rt.storage.exists(deletion_object(job_id)):
             out.problems.append(f"job {job_id}: deleted (see {deletion_object(job_id)})")
@@ -131,7 +131,7 @@ def verify_job(rt: Runtime, job_id: str, out: Verification) -> None:
 
 
 def verify_batch(rt: Runtime, batch_id: str, out: Verification) -> None:
-    from worker import batches
+    from worker.flow import batches
 
     batch = batches.get(rt, batch_id)
     if not batch.is_final:

@@ -14,14 +14,14 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError
 from redis.retry import Retry
 
-from worker import purpose
-from worker.apsis import ApsisClient, Limits
+from worker.apsis.client import ApsisClient, Limits
+from worker.apsis.ratelimit import DEFAULT_MARGIN, Limit, RateLimiter
 from worker.config import AccountSettings, Settings, load_settings
-from worker.inbox import Inbox
-from worker.jobs import JobStore
-from worker.logs import key_ref
-from worker.ratelimit import DEFAULT_MARGIN, Limit, RateLimiter
-from worker.storage import Storage
+from worker.deliverable.storage import Storage
+from worker.model import purpose
+from worker.model.inbox import Inbox
+from worker.model.jobs import JobStore
+from worker.telemetry.logs import key_ref
 
 #: Seconds a Redis command may take before the call fails (and the task retries).
 REDIS_SOCKET_TIMEOUT = 10.0
@@ -127,7 +127,7 @@ def build_runtime(settings: Settings | None = None) -> Runtime:
 @functools.cache
 def _runtime_for_pid(pid: int) -> Runtime:
     rt = build_runtime()
-    rt.dispatch = importlib.import_module("worker.celery").send_task
+    rt.dispatch = importlib.import_module("worker.queue.app").send_task
     return rt
 
 

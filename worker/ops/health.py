@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import metrics
 from worker.errors import ExportError
-from worker.runtime import Runtime
+from worker.flow.runtime import Runtime
+from worker.telemetry import metrics
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def check_node(rt: Runtime, *, node: str | None = None, now: float | None = None
     fresh: list[tuple[bytes, float]] = rt.redis.zrangebyscore(  # type: ignore[assignment]
         metrics.HEARTBEATS_KEY, now - metrics.HEARTBEAT_FRESH_SECONDS, "+inf", withscores=True
     )
-    # Consumer names are "<host>-<pid>" (worker.consumer.consumer_name).
+    # Consumer names are "<host>-<pid>" (worker.flow.consumer.consumer_name).
     ours = [(name.decode(), at) for name, at in fresh if name.decode().rpartition("-")[0] == node]
     if not ours:
         return Health(

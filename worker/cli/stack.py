@@ -24,8 +24,8 @@ import redis
 import requests
 from celery import Celery
 
-from worker.embedded import EmbeddedRedis, free_port
-from worker.inflight import celery_queue
+from worker.cli.embedded import EmbeddedRedis, free_port
+from worker.queue.inflight import celery_queue
 
 #: Seconds to wait for a started process to answer.
 START_TIMEOUT = 30.0

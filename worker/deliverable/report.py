@@ -19,9 +19,9 @@ from typing import IO, Any, TextIO
 import ijson
 from ijson.common import ObjectBuilder
 
-from worker.export_file import ProfileDocument, SplitResult, sha256_file
-from worker.jobs import Job
-from worker.storage import Storage
+from worker.deliverable.export_file import ProfileDocument, SplitResult, sha256_file
+from worker.deliverable.storage import Storage
+from worker.model.jobs import Job
 
 #: Rows rendered per table (attributes, history entries, events) of one section; the rest
 #: stay in the profile document the note points to. 1,000 rows keep a page usable.
@@ -469,7 +469,7 @@ def _history_row(disc: str, item: Any) -> dict[str, Any]:
 def store_report(storage: Storage, job: Job, split: SplitResult, out_dir: Path) -> dict[str, Any]:
     """Write the job's report.html and report.json and store them; return their manifest
     entries (object, sha256 of the plaintext, bytes) by kind."""
-    from worker import manifest
+    from worker.deliverable import manifest
 
     files = write_report(
         out_dir=out_dir,

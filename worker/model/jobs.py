@@ -18,8 +18,9 @@ from typing import Any
 
 import redis
 
-from worker import metrics, purpose
 from worker.errors import JobIdConflict, JobNotFound
+from worker.model import purpose
+from worker.telemetry import metrics
 
 
 class State(StrEnum):

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import inflight, pipeline, retention
-from worker.jobs import State
-from worker.runtime import Runtime
+from worker.flow import pipeline, retention
+from worker.flow.runtime import Runtime
+from worker.model.jobs import State
+from worker.queue import inflight
 
 log = logging.getLogger("apsis.watchdog")
 
@@ -128,7 +129,7 @@ def _sweep_batches(
     rt: Runtime, dispatch: pipeline.Dispatch, now: float, report: SweepReport
 ) -> None:
     """Batches whose finalize was lost are finalized (feeder threads pick up the rest)."""
-    from worker import batches
+    from worker.flow import batches
 
     stale: list[bytes] = rt.redis.zrangebyscore(  # type: ignore[assignment]
         batches.RUNNING_KEY, "-inf", now - rt.settings.WATCHDOG_STUCK_AFTER, start=0, num=100

@@ -23,13 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import csv_cells, metrics, pipeline, purpose
-from worker.batch_file import BatchItem
+from worker.deliverable import csv_cells
+from worker.deliverable.manifest import product_version
 from worker.errors import ConfigError, InputError, JobIdConflict, JobNotFound
-from worker.jobs import ExportOptions, State
-from worker.lease import JobLease, LeaseBusy
-from worker.manifest import product_version
-from worker.runtime import Runtime
+from worker.flow import pipeline
+from worker.flow.batch_file import BatchItem
+from worker.flow.runtime import Runtime
+from worker.model import purpose
+from worker.model.jobs import ExportOptions, State
+from worker.model.lease import JobLease, LeaseBusy
+from worker.telemetry import metrics
 
 log = logging.getLogger("apsis.batch")
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import callback_token, control_chars, manifest, metrics, report
+from worker.deliverable import manifest, report
+from worker.deliverable.export_file import SplitResult, split_export
 from worker.errors import (
     ApsisAuthError,
     CorruptExport,
@@ -31,11 +32,12 @@ from worker.errors import (
     RetryableApsisError,
     StorageError,
 )
-from worker.export_file import SplitResult, split_export
-from worker.inbox import Callback
-from worker.jobs import ExportOptions, Job, State, new_job_id
-from worker.lease import JobLease, LeaseBusy
-from worker.runtime import Runtime
+from worker.flow.runtime import Runtime
+from worker.model import callback_token, control_chars
+from worker.model.inbox import Callback
+from worker.model.jobs import ExportOptions, Job, State, new_job_id
+from worker.model.lease import JobLease, LeaseBusy
+from worker.telemetry import metrics
 
 log = logging.getLogger("apsis.pipeline")
 
@@ -509,7 +511,7 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
         },
     )
     if links:
-        from worker import batches  # batches builds on this module
+        from worker.flow import batches  # batches builds on this module
 
         batches.mark_linked(rt, job.batch_id, job_id, links)
     metrics.bytes_stored(got.bytes)
@@ -525,7 +527,7 @@ def _merged_links(rt: Runtime, job: Job, split: SplitResult) -> dict[str, dict[s
     """Merged keys that are items of the job's batch: linked, so not exported twice."""
     if not job.batch_id:
         return {}
-    from worker import batches  # batches builds on this module
+    from worker.flow import batches  # batches builds on this module
 
     merged = [p.export_key for p in split.profiles if p.role == "merged"]
     return batches.merged_links(rt, job.batch_id, job.job_id, merged)
@@ -597,7 +599,7 @@ def _after_end(rt: Runtime, batch_id: str | None, dispatch: Dispatch | None) -> 
     """A batch job ended: if it was the batch's last, have the batch finalized."""
     dispatch = dispatch or rt.dispatch
     if batch_id and dispatch is not None:
-        from worker import batches  # batches builds on this module
+        from worker.flow import batches  # batches builds on this module
 
         batches.on_job_end(rt, batch_id, dispatch)
 

@@ -6,8 +6,8 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from worker.export_file import SplitResult
-from worker.jobs import Job
+from worker.deliverable.export_file import SplitResult
+from worker.model.jobs import Job
 
 #: Version of the manifest's shape; bumped when a field changes meaning.
 MANIFEST_VERSION = 1

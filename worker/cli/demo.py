@@ -10,10 +10,10 @@ import signal
 import sys
 import time
 
+from worker.cli.stack import LocalStack
 from worker.config import load_settings
-from worker.jobs import FINAL, State
-from worker.runtime import Runtime, build_runtime
-from worker.stack import LocalStack
+from worker.flow.runtime import Runtime, build_runtime
+from worker.model.jobs import FINAL, State
 
 #: The demo's data subjects: (export key, merged profiles the sandbox adds, options).
 SUBJECTS: list[tuple[str, int, dict[str, bool]]] = [

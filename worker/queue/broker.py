@@ -1,0 +1,121 @@
+"""Celery on Redis without its two loss windows: a message in flight, a stuck consumer.
+
+1. Taking a message (``Transport``). kombu takes a message with BRPOP and records it as
+   unacknowledged in a second step; a connection lost in between loses the message (see
+   ``worker.queue.inflight``). Our channel takes it with BLMOVE into an in-flight list instead and
+   removes it from there once recorded; the watchdog requeues what a lost connection left.
+   It reads one queue (ours: ``apsis``; a channel consuming more falls back to kombu's
+   BRPOP); the sweep moves messages sent with a Celery priority there.
+
+2. Settling a message (``Channel.basic_ack``/``basic_reject``). A message whose ack or
+   reject did not reach Redis no longer holds a prefetch slot, so the worker goes on taking
+   tasks (and so notices the lost connection and reconnects) instead of stalling.
+
+Both were found by our fault suite (a job missing after a Redis restart) and reproduced with
+Redis restarts under load; tests/integration/test_broker.py keeps them fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from queue import Empty
+from time import monotonic
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+from worker.queue.inflight import inflight_key
+
+log = logging.getLogger("apsis.broker")
+
+
+#: kombu's Redis classes, typed loosely: the stubs leave out the private parts we extend.
+_RedisChannel: Any = kombu_redis.Channel
+_RedisTransport: Any = kombu_redis.Transport
+
+
+class Channel(_RedisChannel):  # type: ignore[misc]
+    """kombu's Redis channel, taking messages with BLMOVE into an in-flight list."""
+
+    _blmove_queue: str | None = None
+
+    def _single_queue(self) -> bool:
+        return len(self.active_queues) == 1 and not self.global_keyprefix
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if not self._single_queue():
+            super()._brpop_start(timeout)
+            return
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queue = self._queue_cycle.consume(1)[0]
+        self._blmove_queue = queue
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self.client.connection.send_command(
+            "BLMOVE", queue, inflight_key(queue), "RIGHT", "LEFT", timeout or 0
+        )
+
+    def _brpop_read(self, **options: Any) -> bool:
+        queue = self._blmove_queue
+        if queue is None:
+            return bool(super()._brpop_read(**options))
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if item is None:
+                raise Empty()
+            self._queue_cycle.rotate(queue)
+            # Delivery records the message as unacknowledged; only then it leaves the list.
+            self.connection._deliver(loads(bytes_to_str(item)), queue)
+            with self.conn_or_acquire() as client:
+                client.lrem(inflight_key(queue), 1, item)
+            return True
+        finally:
+            self._in_poll = None
+            self._blmove_queue = None
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
+        try:
+            super().basic_ack(delivery_tag, multiple)
+        except self.connection_errors:
+            self._settle_locally(delivery_tag)
+            raise
+
+    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            super().basic_reject(delivery_tag, requeue)
+        except self.connection_errors:
+            self._settle_locally(delivery_tag)
+            raise
+
+    def _settle_locally(self, delivery_tag: str) -> None:
+        """Free the prefetch slot of a message Redis did not hear settled.
+
+        Otherwise kombu keeps counting it: with every slot counted so, the consumer stops
+        asking for messages, never reads its dead connection, never reconnects, and the node
+        runs no task again while looking alive (celery#8030, #9054, #10302). Freed, the
+        next take fails on the dead connection, and Celery reconnects as for any lost
+        connection. The message itself stays in Redis's ``unacked`` set and is redelivered
+        after the visibility timeout; every task here is idempotent.
+        """
+        log.warning(
+            "broker unreachable while settling a task message; Redis redelivers it",
+            extra={"event": "unsettled_message"},
+        )
+        kombu_virtual.QoS.ack(self.qos, delivery_tag)
+
+
+class Transport(_RedisTransport):  # type: ignore[misc]
+    """kombu's Redis transport with our channel; set as Celery's ``broker_transport``."""
+
+    Channel = Channel
