@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -67,6 +71,45 @@ def _strong_secret(value: str, *, min_length: int, unit: str) -> str:
             f"must have at least {MIN_DISTINCT_CHARS} distinct characters; {GENERATE_HINT}"
         )
     return value
+
+
+#: Client-side encryption master keys (STORAGE_ENCRYPTION_KEY): 32 bytes each, told apart
+#: by an 8-byte public fingerprint stored in each object's header.
+MASTER_KEY_BYTES = 32
+KEY_ID_BYTES = 8
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The current master key (encrypts) and older ones (still decrypt), by key id."""
+
+    current: bytes
+    keys: dict[bytes, bytes]
+
+    @property
+    def current_id(self) -> bytes:
+        return key_id(self.current)
+
+
+def key_id(key: bytes) -> bytes:
+    """A public fingerprint of a master key, stored in each header to pick the key."""
+    return hashlib.sha256(b"apsis-export key id" + key).digest()[:KEY_ID_BYTES]
+
+
+def parse_key_ring(text: str) -> KeyRing:
+    """``CURRENT[,PREVIOUS...]``, each base64 of 32 bytes; ValueError never echoes a key."""
+    keys: list[bytes] = []
+    for n, part in enumerate(p.strip() for p in text.split(",")):
+        try:
+            key = base64.b64decode(part, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"key #{n + 1} is not valid base64") from None
+        if len(key) != MASTER_KEY_BYTES:
+            raise ValueError(
+                f"key #{n + 1} must be {MASTER_KEY_BYTES} bytes (base64 of 32 random bytes)"
+            )
+        keys.append(key)
+    return KeyRing(current=keys[0], keys={key_id(k): k for k in keys})
 
 
 class AccountSettings(BaseModel):
@@ -244,8 +287,6 @@ class Settings(BaseSettings):
     def _encryption_key(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        from worker.deliverable.envelope import parse_key_ring
-
         parse_key_ring(value)  # ValueError without echoing the key
         return value
 

@@ -14,16 +14,15 @@ truncated chunk fail authentication; the header is authenticated by every chunk.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# The master keys are a setting (STORAGE_ENCRYPTION_KEY), parsed and checked by the config.
+from worker.config import KeyRing
 
 MAGIC = b"APSISENC"
 VERSION = 1
@@ -32,44 +31,12 @@ CHUNK_BYTES = 64 * 1024
 KEY_BYTES = 32
 TAG_BYTES = 16
 _NONCE_BYTES = 12
-_KEY_ID_BYTES = 8
 _HEAD = struct.Struct(">8sB8sI12s")
 HEADER_BYTES = _HEAD.size + KEY_BYTES + TAG_BYTES
 
 
 class EncryptionError(ValueError):
     """An object cannot be decrypted: wrong key, tampered or truncated."""
-
-
-@dataclass(frozen=True)
-class KeyRing:
-    """The current master key (encrypts) and older ones (still decrypt), by key id."""
-
-    current: bytes
-    keys: dict[bytes, bytes]
-
-    @property
-    def current_id(self) -> bytes:
-        return key_id(self.current)
-
-
-def key_id(key: bytes) -> bytes:
-    """A public fingerprint of a master key, stored in each header to pick the key."""
-    return hashlib.sha256(b"apsis-export key id" + key).digest()[:_KEY_ID_BYTES]
-
-
-def parse_key_ring(text: str) -> KeyRing:
-    """``CURRENT[,PREVIOUS...]``, each base64 of 32 bytes; ValueError never echoes a key."""
-    keys: list[bytes] = []
-    for n, part in enumerate(p.strip() for p in text.split(",")):
-        try:
-            key = base64.b64decode(part, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"key #{n + 1} is not valid base64") from None
-        if len(key) != KEY_BYTES:
-            raise ValueError(f"key #{n + 1} must be {KEY_BYTES} bytes (base64 of 32 random bytes)")
-        keys.append(key)
-    return KeyRing(current=keys[0], keys={key_id(k): k for k in keys})
 
 
 def is_encrypted(prefix: bytes) -> bool:

@@ -15,13 +15,12 @@ import obstore
 from obstore.exceptions import BaseError
 from obstore.store import LocalStore, MemoryStore, from_url
 
+from worker.config import KeyRing, parse_key_ring
 from worker.deliverable.envelope import (
     EncryptionError,
-    KeyRing,
     decrypt_stream,
     encrypt_stream,
     is_encrypted,
-    parse_key_ring,
 )
 from worker.errors import StorageError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from job_support import make_runtime, run_job
 
-from worker.config import load_settings
+from worker.config import load_settings, parse_key_ring
 from worker.deliverable import envelope
 from worker.deliverable.storage import Storage
 from worker.errors import ConfigError, StorageError
@@ -22,7 +22,7 @@ def _key() -> str:
 
 @pytest.mark.parametrize("size", [0, 1, envelope.CHUNK_BYTES, 3 * envelope.CHUNK_BYTES + 5])
 def test_round_trip_any_size_and_chunking(size: int) -> None:
-    ring = envelope.parse_key_ring(_key())
+    ring = parse_key_ring(_key())
     data = os.urandom(size)
     sealed = envelope.encrypt_bytes(ring, data)
     pieces = [sealed[i : i + 1000] for i in range(0, len(sealed), 1000)]
@@ -30,7 +30,7 @@ def test_round_trip_any_size_and_chunking(size: int) -> None:
 
 
 def test_truncation_reordering_and_the_wrong_key_are_refused() -> None:
-    ring = envelope.parse_key_ring(_key())
+    ring = parse_key_ring(_key())
     sealed = envelope.encrypt_bytes(ring, os.urandom(3 * envelope.CHUNK_BYTES + 5))
     sealed_chunk = envelope.CHUNK_BYTES + envelope.TAG_BYTES
     head = envelope.HEADER_BYTES
@@ -41,13 +41,13 @@ def test_truncation_reordering_and_the_wrong_key_are_refused() -> None:
         with pytest.raises(envelope.EncryptionError):
             b"".join(envelope.decrypt_stream(ring, [bad]))
     with pytest.raises(envelope.EncryptionError, match="not in STORAGE_ENCRYPTION_KEY"):
-        b"".join(envelope.decrypt_stream(envelope.parse_key_ring(_key()), [sealed]))
+        b"".join(envelope.decrypt_stream(parse_key_ring(_key()), [sealed]))
 
 
 def test_a_previous_key_in_the_ring_still_decrypts() -> None:
     old, new = _key(), _key()
-    sealed = envelope.encrypt_bytes(envelope.parse_key_ring(old), b"hello")
-    assert b"".join(envelope.decrypt_stream(envelope.parse_key_ring(f"{new},{old}"), [sealed]))
+    sealed = envelope.encrypt_bytes(parse_key_ring(old), b"hello")
+    assert b"".join(envelope.decrypt_stream(parse_key_ring(f"{new},{old}"), [sealed]))
 
 
 def test_bad_keys_are_one_config_line_without_the_key() -> None:
@@ -59,7 +59,7 @@ def test_bad_keys_are_one_config_line_without_the_key() -> None:
 
 
 def test_storage_encrypts_files_and_bytes_and_reads_them_back(tmp_path: Path) -> None:
-    ring = envelope.parse_key_ring(_key())
+    ring = parse_key_ring(_key())
     storage = Storage(f"file://{tmp_path}/store", encryption=ring)
     plain = ("Zoë Ångström zoe@example.com " * 200_000).encode()  # ~6 MB, several parts
     source = tmp_path / "p.json"
@@ -77,7 +77,7 @@ def test_storage_encrypts_files_and_bytes_and_reads_them_back(tmp_path: Path) ->
 
 
 def test_an_encrypted_job_verifies_against_plaintext_digests() -> None:
-    ring = envelope.parse_key_ring(_key())
+    ring = parse_key_ring(_key())
     rt = make_runtime(Storage("memory:///", encryption=ring))
     run_job(rt, "enc")
     assert verify.verify(rt, "enc").ok
