@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import BatchFileError, InvalidExportKey
-from worker.flow.pipeline import validate_export_key
+from worker.model.ids import validate_export_key
 
 #: Largest batch file read, in bytes (50,000 e-mail-sized keys are ~2 MB).
 MAX_BATCH_FILE_BYTES = 64 * 1024 * 1024

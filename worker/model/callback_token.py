@@ -10,16 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import time
 from dataclasses import dataclass
 
-#: Job ids are hex uuid4s or a caller's id of this shape (no dots: a caller's id can never
-#: take the form of a batch item's id). ``\Z``, not ``$``: ``$`` also matches before a
-#: trailing newline.
-JOB_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
-#: A batch item's job id: ``<batch id>.<n>`` (batch ids are 1-48 of A-Z, a-z, 0-9 and _).
-BATCH_ITEM_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_]{1,48}\.(?:0|[1-9][0-9]{0,14})\Z")
+from worker.model.ids import is_job_id
+
 #: Bytes of the HMAC kept in the token (128 bits: unguessable, keeps URLs short).
 MAC_BYTES = 16
 
@@ -39,11 +34,6 @@ class CallbackClaim:
     job_id: str
     attempt: int
     expires_at: int
-
-
-def is_job_id(text: str) -> bool:
-    """Any job id: a caller's (or a task's) id, or a batch item's ``<batch id>.<n>``."""
-    return bool(JOB_ID_PATTERN.match(text) or BATCH_ITEM_ID_PATTERN.match(text))
 
 
 def _b64(data: bytes) -> str:
