@@ -21,6 +21,7 @@ from worker.errors import BatchFileError, ExportError, InputError, JobNotFound, 
 from worker.flow import batches, pipeline
 from worker.flow.batch_file import read_batch_file
 from worker.flow.runtime import Runtime, build_runtime
+from worker.model import batch_store, ids
 from worker.model.control_chars import for_terminal
 from worker.model.jobs import FINAL, ExportOptions, Job, State, new_job_id
 from worker.telemetry.logs import configure_logging
@@ -71,8 +72,8 @@ def _content_options(args: argparse.Namespace) -> dict[str, bool]:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from worker.queue.app import app
 
-    export_key = pipeline.validate_export_key(args.export_key)
-    job_id = pipeline.validate_new_job_id(args.job_id) if args.job_id else new_job_id()
+    export_key = ids.validate_export_key(args.export_key)
+    job_id = ids.validate_new_job_id(args.job_id) if args.job_id else new_job_id()
     # The job's purpose digest is keyed by the secret the workers use.
     settings.require("CALLBACK_SECRET")
     rt = build_runtime(settings)
@@ -119,8 +120,8 @@ def _wait(rt: Runtime, job_id: str, *, quiet: bool, timeout: float) -> Job:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     rt = build_runtime(settings)
-    job_id = pipeline.validate_job_id(args.job_id)
-    if batches.exists(rt, job_id):
+    job_id = ids.validate_job_id(args.job_id)
+    if rt.batches.exists(job_id):
         return _batch_status(rt, job_id, as_json=args.json)
     job = rt.jobs.get(job_id)
     data = _job_json(rt, job)
@@ -144,7 +145,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _batch_json(batch: batches.Batch) -> dict[str, Any]:
+def _batch_json(batch: batch_store.Batch) -> dict[str, Any]:
     return {
         "batch_id": batch.batch_id,
         "state": batch.state,
@@ -159,7 +160,7 @@ def _batch_json(batch: batches.Batch) -> dict[str, Any]:
     }
 
 
-def _progress_line(batch: batches.Batch, now: float) -> str:
+def _progress_line(batch: batch_store.Batch, now: float) -> str:
     """done/failed/in flight/waiting, a bar, the rate and the ETA."""
     width = 30
     filled = int(width * batch.ended / batch.total) if batch.total else width
@@ -175,7 +176,7 @@ def _progress_line(batch: batches.Batch, now: float) -> str:
 
 
 def _batch_status(rt: Runtime, batch_id: str, *, as_json: bool) -> int:
-    batch = batches.get(rt, batch_id)
+    batch = rt.batches.get(batch_id)
     if as_json:
         print(json.dumps(_batch_json(batch), indent=2))
         return 0
@@ -203,8 +204,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     if not parsed.items:
         raise BatchFileError(f"{args.file}: no export keys")
     batch_id = args.batch_id or new_job_id()
-    if not batches.BATCH_ID_PATTERN.match(batch_id):
-        raise InputError("batch id must be 1-48 characters of A-Z, a-z, 0-9 and _")
+    ids.validate_batch_id(batch_id)
     settings.require("CALLBACK_SECRET")  # keys the batch's purpose digest, as in the workers
     rt = build_runtime(settings)
     rt.redis.ping()
@@ -228,7 +228,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     tty = sys.stderr.isatty()
     last = 0.0
     while True:
-        batch = batches.get(rt, batch_id) if batches.exists(rt, batch_id) else None
+        batch = rt.batches.get(batch_id) if rt.batches.exists(batch_id) else None
         now = time.time()
         if batch is not None and (tty or now - last >= 5 or batch.is_final):
             line = _progress_line(batch, now)
@@ -252,12 +252,12 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     from worker.queue.app import send_task
 
     rt = build_runtime(settings)
-    batch_id = pipeline.validate_job_id(args.batch_id)
+    batch_id = ids.validate_job_id(args.batch_id)
     if not batches.cancel(rt, batch_id):
-        raise InputError(f"batch {batch_id} is {batches.get(rt, batch_id).state}; not running")
-    batch = batches.get(rt, batch_id)
-    if batches.complete(batch):
-        send_task(batches.FINALIZE_TASK, [batch_id])
+        raise InputError(f"batch {batch_id} is {rt.batches.get(batch_id).state}; not running")
+    batch = rt.batches.get(batch_id)
+    if batch.complete:
+        send_task(batch_store.FINALIZE_TASK, [batch_id])
     print(
         f"{batch_id} cancelled: {batch.in_flight} in flight will finish, "
         f"{batch.total - batch.submitted} not sent"
@@ -269,7 +269,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     from worker.queue.app import send_task
 
     rt = build_runtime(settings)
-    job_id = pipeline.validate_job_id(args.job_id)
+    job_id = ids.validate_job_id(args.job_id)
     job = rt.jobs.get(job_id)
     if not pipeline.restart(rt, job, send_task):
         raise InputError(f"job {job_id} is {job.state.value}; only failed jobs can be retried")
@@ -281,8 +281,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.verify import verify
 
     rt = build_runtime(settings)
-    target = pipeline.validate_job_id(args.job_id)
-    if not batches.exists(rt, target) and not rt.jobs.exists(target):
+    target = ids.validate_job_id(args.job_id)
+    if not rt.batches.exists(target) and not rt.jobs.exists(target):
         from worker.flow.retention import deletion_object
 
         if not rt.storage.exists(deletion_object(target)):

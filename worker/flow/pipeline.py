@@ -33,7 +33,8 @@ from worker.errors import (
     StorageError,
 )
 from worker.flow.runtime import Runtime
-from worker.model import callback_token, control_chars
+from worker.model import callback_token, ids
+from worker.model.batch_store import FINALIZE_TASK
 from worker.model.inbox import Callback
 from worker.model.jobs import ExportOptions, Job, State, new_job_id
 from worker.model.lease import JobLease, LeaseBusy
@@ -41,8 +42,6 @@ from worker.telemetry import metrics
 
 log = logging.getLogger("apsis.pipeline")
 
-#: Longest export key accepted, in characters (APSIS keys are e-mail-sized).
-MAX_EXPORT_KEY_CHARS = 512
 #: Retries (APSIS errors, storage errors, bad downloads) one job may spend in all.
 MAX_RETRIES_PER_JOB = 30
 #: Times a bad download (truncated, corrupt, 410) is fetched again before re-requesting.
@@ -76,35 +75,6 @@ def backoff(retries: int, *, retry_after: float | None = None, cap: float = BACK
     return random.uniform(ceiling / 2, ceiling)
 
 
-def validate_export_key(export_key: object) -> str:
-    """The key as APSIS will get it, or InvalidExportKey with a reason (never the key)."""
-    if not isinstance(export_key, str):
-        raise InvalidExportKey("export key must be a string")
-    if not export_key.strip():
-        raise InvalidExportKey("export key is empty")
-    if len(export_key) > MAX_EXPORT_KEY_CHARS:
-        raise InvalidExportKey(f"export key is longer than {MAX_EXPORT_KEY_CHARS} characters")
-    if control_chars.has_control(export_key):
-        raise InvalidExportKey("export key contains control characters")
-    return export_key
-
-
-def validate_new_job_id(job_id: str) -> str:
-    """A caller's id for a new job: never the form of a batch item's id (``<batch>.<n>``)."""
-    if not callback_token.JOB_ID_PATTERN.match(job_id):
-        raise InvalidExportKey("job id must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
-    return job_id
-
-
-def validate_job_id(job_id: str) -> str:
-    """An id to look up: a caller's job id, a batch item's ``<batch>.<n>`` or a batch id."""
-    if not callback_token.is_job_id(job_id):
-        raise InvalidExportKey(
-            "job id must be 1-64 characters of A-Z, a-z, 0-9, _ and - (or <batch id>.<n>)"
-        )
-    return job_id
-
-
 def job_id_from_task_id(task_id: str | None) -> str:
     """A redelivered task message keeps its id, so the job it creates is the same job."""
     return task_id.replace("-", "") if task_id else new_job_id()
@@ -128,12 +98,12 @@ def submit(
 
     Raises JobIdConflict if ``job_id`` exists for another export key, options, account or
     batch."""
-    validate_export_key(export_key)
-    if batch_id and callback_token.BATCH_ITEM_ID_PATTERN.match(job_id):
+    ids.validate_export_key(export_key)
+    if batch_id and ids.is_batch_item_id(job_id):
         if job_id.rpartition(".")[0] != batch_id:
             raise InvalidExportKey("a batch item's job id must be <its batch id>.<n>")
     else:
-        validate_new_job_id(job_id)  # a caller's id can never be a batch item's
+        ids.validate_new_job_id(job_id)  # a caller's id can never be a batch item's
     extra = {"job_id": job_id, "key_ref": rt.key_ref(export_key)}
     try:
         created = rt.jobs.create(
@@ -511,9 +481,7 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
         },
     )
     if links:
-        from worker.flow import batches  # batches builds on this module
-
-        batches.mark_linked(rt, job.batch_id, job_id, links)
+        rt.batches.mark_linked(job.batch_id, job_id, links)
     metrics.bytes_stored(got.bytes)
     _after_end(rt, job.batch_id, dispatch)
     log.info(
@@ -527,10 +495,8 @@ def _merged_links(rt: Runtime, job: Job, split: SplitResult) -> dict[str, dict[s
     """Merged keys that are items of the job's batch: linked, so not exported twice."""
     if not job.batch_id:
         return {}
-    from worker.flow import batches  # batches builds on this module
-
     merged = [p.export_key for p in split.profiles if p.role == "merged"]
-    return batches.merged_links(rt, job.batch_id, job.job_id, merged)
+    return rt.batches.merged_links(job.batch_id, job.job_id, merged)
 
 
 def _bad_download(rt: Runtime, job: Job, reason: str, *, gone: bool, dispatch: Dispatch) -> None:
@@ -598,10 +564,8 @@ def fail(
 def _after_end(rt: Runtime, batch_id: str | None, dispatch: Dispatch | None) -> None:
     """A batch job ended: if it was the batch's last, have the batch finalized."""
     dispatch = dispatch or rt.dispatch
-    if batch_id and dispatch is not None:
-        from worker.flow import batches  # batches builds on this module
-
-        batches.on_job_end(rt, batch_id, dispatch)
+    if dispatch is not None and rt.batches.last_job_ended(batch_id):
+        dispatch(FINALIZE_TASK, [batch_id])
 
 
 def write_failure_manifest(rt: Runtime, job: Job, reason: str) -> None:

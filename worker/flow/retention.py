@@ -15,6 +15,7 @@ from typing import Any
 from worker.deliverable import manifest
 from worker.errors import StorageError
 from worker.flow.runtime import Runtime
+from worker.model import batch_store
 from worker.model.jobs import State
 
 log = logging.getLogger("apsis.retention")
@@ -109,9 +110,8 @@ def delete_job(rt: Runtime, job_id: str, *, now: float, reason: str) -> bool:
 
 def delete_batch(rt: Runtime, batch_id: str, *, now: float, reason: str) -> None:
     """Delete a finished batch's objects (summary.csv names every export key) and records."""
-    from worker.flow import batches
 
-    key = batches.batch_key(batch_id)
+    key = batch_store.batch_key(batch_id)
     raw = {k.decode(): v.decode() for k, v in rt.redis.hgetall(key).items()}  # type: ignore[union-attr]
     prefix = f"batches/{batch_id}"
     earlier: list[str] = json.loads(raw.get("deleting") or "[]")
@@ -121,10 +121,10 @@ def delete_batch(rt: Runtime, batch_id: str, *, now: float, reason: str) -> None
     rt.storage.delete_prefix(prefix)
     redis_keys = [
         key,
-        batches.items_key(batch_id),
-        batches.index_key(batch_id),
-        batches.linked_key(batch_id),
-        batches.refused_key(batch_id),
+        batch_store.items_key(batch_id),
+        batch_store.index_key(batch_id),
+        batch_store.linked_key(batch_id),
+        batch_store.refused_key(batch_id),
     ]
     record = {
         "kind": "batch",

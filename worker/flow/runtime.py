@@ -19,6 +19,7 @@ from worker.apsis.ratelimit import DEFAULT_MARGIN, Limit, RateLimiter
 from worker.config import AccountSettings, Settings, load_settings
 from worker.deliverable.storage import Storage
 from worker.model import purpose
+from worker.model.batch_store import BatchStore
 from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
 from worker.telemetry.logs import key_ref
@@ -64,6 +65,7 @@ class Runtime:
     inbox: Inbox
     limiter: RateLimiter
     storage: Storage
+    batches: BatchStore
     #: Sends one of our tasks by name (set in worker processes; unit tests pass their own).
     dispatch: Callable[[str, list[Any]], None] | None = None
     _clients: dict[str, ApsisClient] = field(default_factory=dict, repr=False)
@@ -105,16 +107,18 @@ def limits_from(account: AccountSettings, margin: float = DEFAULT_MARGIN) -> Lim
 
 def runtime_on(settings: Settings, client: redis.Redis, storage: Storage) -> Runtime:
     """The runtime on a given Redis client (its stores all share it) and storage."""
+    jobs = JobStore(
+        client,
+        secrets=purpose.secrets_of(settings.CALLBACK_SECRET, settings.CALLBACK_SECRET_PREVIOUS),
+    )
     return Runtime(
         settings=settings,
         redis=client,
-        jobs=JobStore(
-            client,
-            secrets=purpose.secrets_of(settings.CALLBACK_SECRET, settings.CALLBACK_SECRET_PREVIOUS),
-        ),
+        jobs=jobs,
         inbox=Inbox(client),
         limiter=RateLimiter(client),
         storage=storage,
+        batches=BatchStore(client, jobs),
     )
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from worker.flow import pipeline, retention
 from worker.flow.runtime import Runtime
+from worker.model.batch_store import FINALIZE_TASK
 from worker.model.jobs import State
-from worker.queue import inflight
+from worker.model.lease import JobLease
 
 log = logging.getLogger("apsis.watchdog")
 
@@ -42,12 +43,16 @@ def try_sweep(
     send_chain: Callable[[dict[str, Any], dict[str, Any]], None],
     *,
     now: float | None = None,
+    recover_messages: Callable[[], int] | None = None,
 ) -> SweepReport | None:
-    """Sweep if no other process swept within WATCHDOG_INTERVAL; None if it was not our turn."""
+    """Sweep if no other process swept within WATCHDOG_INTERVAL; None if it was not our turn.
+
+    ``recover_messages``: the queue's own repair (task messages a lost connection left in
+    flight), run within the same sweep; it returns how many it put back."""
     interval_ms = int(rt.settings.WATCHDOG_INTERVAL * 1000)
     if not rt.redis.set(LOCK_KEY, "1", nx=True, px=interval_ms):
         return None
-    return sweep(rt, dispatch, send_chain, now=now)
+    return sweep(rt, dispatch, send_chain, now=now, recover_messages=recover_messages)
 
 
 def sweep(
@@ -56,6 +61,7 @@ def sweep(
     send_chain: Callable[[dict[str, Any], dict[str, Any]], None],
     *,
     now: float | None = None,
+    recover_messages: Callable[[], int] | None = None,
 ) -> SweepReport:
     now = time.time() if now is None else now
     report = SweepReport()
@@ -85,7 +91,7 @@ def sweep(
             continue
         if float(job.extra.get("retry_at", "0") or 0) > now:
             continue  # a retry is scheduled; not stuck
-        if rt.redis.exists(f"apsis:lease:{job_id}"):
+        if JobLease(rt.redis, job_id).held_elsewhere():
             continue  # a live worker is on it
         if job.state == State.QUEUED:
             dispatch(pipeline.REQUEST_TASK, [job_id])
@@ -101,7 +107,8 @@ def sweep(
 
     _sweep_batches(rt, dispatch, now, report)
     report.deleted = retention.sweep(rt, now=now)
-    report.requeued_messages = inflight.recover(rt.redis, inflight.celery_queue())
+    if recover_messages is not None:
+        report.requeued_messages = recover_messages()
 
     if (
         report.rerequested
@@ -129,20 +136,14 @@ def _sweep_batches(
     rt: Runtime, dispatch: pipeline.Dispatch, now: float, report: SweepReport
 ) -> None:
     """Batches whose finalize was lost are finalized (feeder threads pick up the rest)."""
-    from worker.flow import batches
-
-    stale: list[bytes] = rt.redis.zrangebyscore(  # type: ignore[assignment]
-        batches.RUNNING_KEY, "-inf", now - rt.settings.WATCHDOG_STUCK_AFTER, start=0, num=100
-    )
-    for raw in stale:
-        batch_id = raw.decode()
-        if not batches.exists(rt, batch_id):
-            rt.redis.zrem(batches.RUNNING_KEY, batch_id)
+    for batch_id in rt.batches.stale_ids(now - rt.settings.WATCHDOG_STUCK_AFTER):
+        if not rt.batches.exists(batch_id):
+            rt.batches.forget_running(batch_id)
             continue
-        batch = batches.get(rt, batch_id)
+        batch = rt.batches.get(batch_id)
         if batch.is_final:
-            rt.redis.zrem(batches.RUNNING_KEY, batch_id)
-        elif batches.complete(batch):
-            dispatch(batches.FINALIZE_TASK, [batch_id])
+            rt.batches.forget_running(batch_id)
+        elif batch.complete:
+            dispatch(FINALIZE_TASK, [batch_id])
             report.redispatched.append(batch_id)
-        rt.redis.zadd(batches.RUNNING_KEY, {batch_id: now}, xx=True)
+        rt.batches.seen_running(batch_id, now)

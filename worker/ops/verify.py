@@ -11,6 +11,7 @@ from typing import Any
 from worker.deliverable import manifest
 from worker.errors import StorageError
 from worker.flow.runtime import Runtime
+from worker.model import batch_store
 from worker.model.jobs import State
 
 
@@ -29,10 +30,9 @@ class Verification:
 
 def verify(rt: Runtime, job_or_batch_id: str) -> Verification:
     """Verify a batch (every job of it and its summary) or a single job."""
-    from worker.flow import batches
 
     result = Verification()
-    if batches.exists(rt, job_or_batch_id):
+    if rt.batches.exists(job_or_batch_id):
         verify_batch(rt, job_or_batch_id, result)
     else:
         verify_job(rt, job_or_batch_id, result)
@@ -133,7 +133,7 @@ def verify_job(rt: Runtime, job_id: str, out: Verification) -> None:
 def verify_batch(rt: Runtime, batch_id: str, out: Verification) -> None:
     from worker.flow import batches
 
-    batch = batches.get(rt, batch_id)
+    batch = rt.batches.get(batch_id)
     if not batch.is_final:
         out.problems.append(f"batch {batch_id}: still {batch.state}, nothing to verify yet")
         return
@@ -143,17 +143,17 @@ def verify_batch(rt: Runtime, batch_id: str, out: Verification) -> None:
         out.problems.append(f"{key}: missing")
     else:
         body_bytes = rt.storage.get_bytes(key)
-        recorded = rt.redis.hget(batches.batch_key(batch_id), "manifest_sha256")
+        recorded = rt.redis.hget(batch_store.batch_key(batch_id), "manifest_sha256")
         digest = hashlib.sha256(body_bytes).hexdigest()
         if recorded and recorded.decode() != digest:  # type: ignore[union-attr]
             out.problems.append(f"{key}: sha256 mismatch with the batch record")
         summary = json.loads(body_bytes).get("summary") or {}
         check_object(rt, str(summary.get("object")), summary.get("sha256"), None, out)
     for index in range(batch.submitted):
-        job_id = batches.job_id_for(batch_id, index)
-        if batches.refusal(rt, batch_id, index) is not None:
+        job_id = batch_store.job_id_for(batch_id, index)
+        if rt.batches.refusal(batch_id, index) is not None:
             continue  # no job of its own: the record under its id is not this batch's
         if rt.jobs.exists(job_id):
             verify_job(rt, job_id, out)
-        elif not batches.is_linked(rt, batch_id, index):
+        elif not rt.batches.is_linked(batch_id, index):
             out.problems.append(f"job {job_id}: no job record")

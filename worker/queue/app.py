@@ -10,6 +10,7 @@ from celery import Celery, bootsteps, signals, signature
 
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
+from worker.queue import inflight
 from worker.queue.inflight import celery_queue
 from worker.telemetry.logs import configure_logging
 
@@ -107,7 +108,10 @@ def send_chain(stored: dict[str, Any], result: dict[str, Any]) -> None:
 
 
 def _sweep(rt: Any, try_sweep: Any) -> None:
-    try_sweep(rt, send_task, send_chain)
+    def recover_messages() -> int:
+        return inflight.recover(rt.redis, celery_queue())
+
+    try_sweep(rt, send_task, send_chain, recover_messages=recover_messages)
 
 
 class InboxStep(bootsteps.StartStopStep):
@@ -133,7 +137,7 @@ class InboxStep(bootsteps.StartStopStep):
             on_tick=lambda rt: _sweep(rt, try_sweep),
         )
         self.consumer.start()
-        from worker.flow.batches import BatchFeeder
+        from worker.flow.feeder import BatchFeeder
 
         self.feeder = BatchFeeder(get_runtime, send_task_later)
         self.feeder.start()
@@ -176,7 +180,7 @@ class MetricsStep(bootsteps.StartStopStep):
         if SETTINGS.WORKER_METRICS_PORT == 0:
             return
         from worker.flow.runtime import get_runtime
-        from worker.telemetry.metrics import MetricsServer
+        from worker.ops.gauges import MetricsServer
 
         self.server = MetricsServer(
             SETTINGS.WORKER_METRICS_PORT, lambda: get_runtime().redis, host="0.0.0.0"

@@ -8,6 +8,7 @@ from job_support import export_body, make_runtime, run_job
 
 from worker.flow import batches
 from worker.flow.batch_file import BatchItem
+from worker.model import batch_store
 from worker.model.jobs import ExportOptions
 
 A = "ann@example.com"
@@ -31,9 +32,9 @@ def test_a_merged_key_of_the_batch_is_linked_and_its_item_not_requested_again() 
         "events": 1,
     }
     # Item 1 was held as a merged profile by the finished job b1.0: counted as linked.
-    rt.redis.hset(batches.batch_key("b1"), "submitted", 1)
-    assert batches.skip_if_linked(rt, "b1", 1)
-    batch = batches.get(rt, "b1")
+    rt.redis.hset(batch_store.batch_key("b1"), "submitted", 1)
+    assert rt.batches.skip_if_linked("b1", 1)
+    batch = rt.batches.get("b1")
     assert (batch.submitted, batch.linked, batch.in_flight) == (2, 1, 0)
     row = batches._summary_row(rt, batch, 1)
     assert row[0] == MERGED and row[2] == "linked" and row[-1] == "b1.0"
@@ -48,7 +49,7 @@ def test_a_merged_key_whose_item_already_has_a_job_names_that_job() -> None:
     body = json.loads(rt.storage.get_bytes("jobs/b2.0/manifest.json"))
     merged = body["profiles"][1]
     assert (merged["batch_item"], merged["linked_job"]) == (1, "b2.1")
-    assert not batches.skip_if_linked(rt, "b2", 1)  # it has its own job
+    assert not rt.batches.skip_if_linked("b2", 1)  # it has its own job
 
 
 def test_without_include_merged_profiles_the_manifest_warns() -> None:

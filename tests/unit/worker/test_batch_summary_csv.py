@@ -12,6 +12,7 @@ from worker.deliverable import csv_cells
 from worker.flow import batches
 from worker.flow.batch_file import BatchItem
 from worker.flow.runtime import Runtime
+from worker.model import batch_store
 from worker.model.jobs import ExportOptions
 
 #: A data subject's export key that leaks the next rows' keys when the DPO clicks it.
@@ -41,7 +42,7 @@ def test_formula_cells_in_the_summary_are_shown_as_text() -> None:
     assert batches.create(rt, "b1", items, options=ExportOptions())
     for index, item in enumerate(items):  # as the feeder creates them, with the references
         rt.jobs.create(
-            batches.job_id_for("b1", index),
+            batch_store.job_id_for("b1", index),
             export_key=item.export_key,
             account=rt.settings.APSIS_ACCOUNT,
             options=ExportOptions(),
@@ -50,10 +51,10 @@ def test_formula_cells_in_the_summary_are_shown_as_text() -> None:
             batch_id="b1",
         )
     first = export_body(LEAKY, merged=MERGED)
-    run_job(rt, batches.job_id_for("b1", 0), export_key=LEAKY, batch_id="b1", body=first)
+    run_job(rt, batch_store.job_id_for("b1", 0), export_key=LEAKY, batch_id="b1", body=first)
     for index in (1, 2):
-        run_job(rt, batches.job_id_for("b1", index), export_key=keys[index], batch_id="b1")
-    rt.redis.hset(batches.batch_key("b1"), "submitted", 3)
+        run_job(rt, batch_store.job_id_for("b1", index), export_key=keys[index], batch_id="b1")
+    rt.redis.hset(batch_store.batch_key("b1"), "submitted", 3)
     assert batches.finalize(rt, "b1", lambda chain, result: None)
 
     text = rt.storage.get_bytes(batches.summary_object("b1")).decode()

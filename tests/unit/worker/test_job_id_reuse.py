@@ -23,10 +23,10 @@ from worker.apsis.ratelimit import Limit
 from worker.cli import commands as cli
 from worker.config import Settings, load_settings
 from worker.errors import InvalidExportKey, JobIdConflict
-from worker.flow import batches, pipeline
+from worker.flow import batches, feeder, pipeline
 from worker.flow.batch_file import BatchItem
 from worker.flow.runtime import Runtime
-from worker.model import callback_token
+from worker.model import batch_store, callback_token, ids
 from worker.model.jobs import ExportOptions, State
 
 SECRET = "T3ZqZ0tXbXlVb0VjZ1pSd0Nqc2F0ZXN0LW9ubHk4NzY1"
@@ -37,12 +37,12 @@ OPENAPI = Path(__file__).resolve().parents[3] / "webhook" / "openapi.yaml"
 
 
 def test_a_batch_items_job_id_cannot_be_given_by_a_caller() -> None:
-    assert batches.job_id_for("DSAR", 0) == "DSAR.0"
+    assert batch_store.job_id_for("DSAR", 0) == "DSAR.0"
     with pytest.raises(InvalidExportKey, match="job id"):
-        pipeline.validate_new_job_id("DSAR.0")
-    assert pipeline.validate_new_job_id("DSAR-0") == "DSAR-0"  # a caller's id, not an item's
+        ids.validate_new_job_id("DSAR.0")
+    assert ids.validate_new_job_id("DSAR-0") == "DSAR-0"  # a caller's id, not an item's
     # Looking a batch item's job up (status, retry, verify) still works.
-    assert pipeline.validate_job_id("DSAR.0") == "DSAR.0"
+    assert ids.validate_job_id("DSAR.0") == "DSAR.0"
     rt = make_runtime()
     with pytest.raises(InvalidExportKey):  # a caller's export_profile task alike
         pipeline.submit(rt, "frank@example.com", options=ExportOptions(), job_id="DSAR.0")
@@ -82,7 +82,7 @@ def test_a_reused_batch_id_for_another_batch_is_refused() -> None:
         batches.create(rt, "DSAR", _items("frank@example.com"), options=ExportOptions())
     with pytest.raises(JobIdConflict):
         batches.create(rt, "DSAR", dave, options=ExportOptions(include_attribute_history=True))
-    batch = batches.get(rt, "DSAR")
+    batch = rt.batches.get("DSAR")
     assert batch.total == 2 and batch.state == "running"
 
 
@@ -135,8 +135,8 @@ def test_the_feeder_fails_an_item_whose_job_id_is_taken_once_and_finishes() -> N
         later.append((name, args, delay))
 
     for _ in range(3):  # fed again and again: the item is counted once, never retried
-        assert batches.feed(rt, "X", dispatch_later) is None
-    batch = batches.get(rt, "X")
+        assert feeder.feed(rt, "X", dispatch_later) is None
+    batch = rt.batches.get("X")
     assert (batch.submitted, batch.failed, batch.in_flight) == (3, 1, 2)
     assert apsis.requested == ["anna@example.com", "cora@example.com"]  # no request for 1
     assert rt.jobs.get("X.1").export_key == "frank@example.com"  # untouched
@@ -144,7 +144,7 @@ def test_the_feeder_fails_an_item_whose_job_id_is_taken_once_and_finishes() -> N
     # The other two end; the summary reports item 1 failed with the reason, not frank's job.
     for job_id in ("X.0", "X.2"):
         rt.jobs.transition(job_id, State.FAILED, note="test")
-    assert batches.complete(batches.get(rt, "X"))
+    assert rt.batches.get("X").complete
     assert batches.finalize(rt, "X", lambda chain, result: None)
     text = rt.storage.get_bytes(batches.summary_object("X")).decode()
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -229,4 +229,4 @@ def test_batch_with_a_batch_id_in_use_for_another_file_exits_2(
     assert out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "batch id DSAR is already used for a different batch" in err
-    assert batches.get(cli_runtime, "DSAR").total == 2
+    assert cli_runtime.batches.get("DSAR").total == 2

@@ -12,9 +12,10 @@ from typing import Any
 from job_support import make_runtime
 
 from worker.deliverable import manifest
-from worker.flow import batches, pipeline
+from worker.flow import batches, feeder, pipeline
 from worker.flow.batch_file import BatchItem
 from worker.flow.runtime import Runtime, runtime_on
+from worker.model import batch_store
 from worker.model.jobs import ExportOptions, State
 
 APAC = {
@@ -105,8 +106,8 @@ def test_a_batch_whose_account_was_removed_is_cancelled_and_finalized() -> None:
     )
     later: list[tuple[str, list[Any]]] = []
 
-    batches.feed(rt, "apacbatch", lambda name, args, _delay: later.append((name, args)))
+    feeder.feed(rt, "apacbatch", lambda name, args, _delay: later.append((name, args)))
 
-    assert batches.get(rt, "apacbatch").state == "cancelled"
-    assert later == [(batches.FINALIZE_TASK, ["apacbatch"])]
-    assert batches.feed(rt, "apacbatch", lambda *_: None) is None  # no loop
+    assert rt.batches.get("apacbatch").state == "cancelled"
+    assert later == [(batch_store.FINALIZE_TASK, ["apacbatch"])]
+    assert feeder.feed(rt, "apacbatch", lambda *_: None) is None  # no loop

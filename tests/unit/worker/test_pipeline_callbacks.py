@@ -10,6 +10,7 @@ from job_support import make_runtime
 from worker.errors import InvalidExportKey
 from worker.flow import pipeline
 from worker.flow.runtime import Runtime
+from worker.model import batch_store, ids
 from worker.model.inbox import Callback
 from worker.model.jobs import ExportOptions, State
 
@@ -99,7 +100,7 @@ def test_failure_code_rerequests_with_a_new_attempt_then_fails(rt: Runtime) -> N
 @pytest.mark.parametrize("bad", ["", "   ", "a" * 513, "a\nb", "a\x00b", "a\u2028b", 42])
 def test_bad_export_keys_are_refused_without_echoing_them(bad: object) -> None:
     with pytest.raises(InvalidExportKey) as caught:
-        pipeline.validate_export_key(bad)
+        ids.validate_export_key(bad)
     assert not isinstance(bad, str) or not bad.strip() or bad not in str(caught.value)
 
 
@@ -127,4 +128,4 @@ def test_a_batch_whose_last_job_fails_by_callback_is_finalized_at_once() -> None
     last = Callback("9-0", "b1.0", pipeline.MAX_ATTEMPTS, 500, "boom", 0.0)
     assert pipeline.apply_callback(rt, last, Dispatched()) == "failed"
     # Not left for the watchdog to notice minutes later: the batch is finalized now.
-    assert (batches.FINALIZE_TASK, ["b1"]) in sent
+    assert (batch_store.FINALIZE_TASK, ["b1"]) in sent
