@@ -31,11 +31,8 @@ BATCH = 100
 RECLAIM_EVERY = 2.0
 #: Seconds to wait after Redis errors before reading again.
 ERROR_PAUSE = 1.0
-#: Seconds between two heartbeats, and how long one lives (``apsis-export health`` reads it).
+#: Seconds between two heartbeats (``apsis-export health`` reads them; see Inbox.beat).
 HEARTBEAT_EVERY = 5.0
-HEARTBEAT_TTL = 30
-#: Heartbeat keys, one per consumer: ``apsis:heartbeat:<consumer name>``.
-HEARTBEAT_PREFIX = "apsis:heartbeat:"
 
 
 def consumer_name() -> str:
@@ -89,14 +86,8 @@ class InboxConsumer:
         return len(batch)
 
     def heartbeat(self, rt: Runtime) -> None:
-        """Say this consumer is alive: its own key with a TTL, and its score in the index."""
-        now = time.time()
-        pipe = rt.redis.pipeline(transaction=False)
-        pipe.set(HEARTBEAT_PREFIX + self.name, repr(now), ex=HEARTBEAT_TTL)
-        pipe.zadd(metrics.HEARTBEATS_KEY, {self.name: now})
-        # Consumers gone for an hour leave the index (its size stays the pool's size).
-        pipe.zremrangebyscore(metrics.HEARTBEATS_KEY, "-inf", now - 3600)
-        pipe.execute()
+        """Say this consumer is alive (``apsis-export health`` and the gauges read it)."""
+        rt.inbox.beat(self.name, time.time())
 
     def run(self) -> None:
         last_reclaim = 0.0

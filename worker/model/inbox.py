@@ -20,6 +20,13 @@ GROUP = "apsis-workers"
 EVENTS_STREAM = "apsis:events"
 #: Approximate length the events stream is trimmed to (it is a notification feed, not a log).
 EVENTS_MAXLEN = 100_000
+#: Each inbox consumer's own heartbeat key (prefix + name) and its TTL, in seconds.
+HEARTBEAT_PREFIX = "apsis:heartbeat:"
+HEARTBEAT_TTL = 30
+#: Sorted set of inbox consumers scored by their last heartbeat (unix seconds).
+HEARTBEATS_KEY = "apsis:heartbeats"
+#: Seconds an inbox consumer's heartbeat counts as alive.
+HEARTBEAT_FRESH_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,25 @@ class Inbox:
         pipe.xack(self.stream, self.group, entry_id)
         pipe.xdel(self.stream, entry_id)
         pipe.execute()
+
+    def beat(self, consumer: str, now: float) -> None:
+        """Say ``consumer`` is alive: its own key with a TTL, and its score in the index."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(HEARTBEAT_PREFIX + consumer, repr(now), ex=HEARTBEAT_TTL)
+        pipe.zadd(HEARTBEATS_KEY, {consumer: now})
+        # Consumers gone for an hour leave the index (its size stays the pool's size).
+        pipe.zremrangebyscore(HEARTBEATS_KEY, "-inf", now - 3600)
+        pipe.execute()
+
+    def live_consumers(self, now: float) -> list[tuple[str, float]]:
+        """Consumers with a heartbeat in the last HEARTBEAT_FRESH_SECONDS: (name, at)."""
+        fresh: list[tuple[bytes, float]] = self._client.zrangebyscore(  # type: ignore[assignment]
+            HEARTBEATS_KEY, now - HEARTBEAT_FRESH_SECONDS, "+inf", withscores=True
+        )
+        return [(name.decode(), at) for name, at in fresh]
+
+    def live_consumer_count(self, now: float) -> int:
+        return int(self._client.zcount(HEARTBEATS_KEY, now - HEARTBEAT_FRESH_SECONDS, "+inf"))
 
     def backlog(self) -> int:
         """Entries recorded and not yet acknowledged."""

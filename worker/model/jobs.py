@@ -530,6 +530,18 @@ class JobStore:
         ]
         return bool(self._delete(keys=keys))
 
+    def nearest_deadlines(self, limit: int = 1) -> list[tuple[str, float]]:
+        """Unfinished jobs with the nearest deadlines: (job id, deadline), nearest first."""
+        found: list[tuple[bytes, float]] = self._client.zrange(  # type: ignore[assignment]
+            self.deadlines_key, 0, limit - 1, withscores=True
+        )
+        prefix = f"{self._prefix}:job:"
+        return [(k.decode().removeprefix(prefix), at) for k, at in found]
+
+    def due_before(self, at: float) -> int:
+        """How many unfinished jobs have a deadline before ``at`` (or past)."""
+        return int(self._client.zcount(self.deadlines_key, "-inf", at))
+
     def oldest_waiting(self) -> float | None:
         """Creation time of the job that has waited for APSIS longest, if any."""
         # Every job waits the same APSIS_CALLBACK_TIMEOUT, so the earliest deadline is the

@@ -10,7 +10,7 @@ import redis
 
 from worker.errors import ExportError
 from worker.flow.runtime import Runtime
-from worker.telemetry import metrics
+from worker.model.inbox import HEARTBEAT_FRESH_SECONDS
 
 
 @dataclass(frozen=True)
@@ -32,16 +32,14 @@ def check_node(rt: Runtime, *, node: str | None = None, now: float | None = None
     except ExportError as exc:
         return Health(False, f"unhealthy: {exc}")
     now = time.time() if now is None else now
-    fresh: list[tuple[bytes, float]] = rt.redis.zrangebyscore(  # type: ignore[assignment]
-        metrics.HEARTBEATS_KEY, now - metrics.HEARTBEAT_FRESH_SECONDS, "+inf", withscores=True
-    )
     # Consumer names are "<host>-<pid>" (worker.flow.consumer.consumer_name).
-    ours = [(name.decode(), at) for name, at in fresh if name.decode().rpartition("-")[0] == node]
+    fresh = rt.inbox.live_consumers(now)
+    ours = [(name, at) for name, at in fresh if name.rpartition("-")[0] == node]
     if not ours:
         return Health(
             False,
             f"unhealthy: no inbox consumer heartbeat from {node} in the last "
-            f"{metrics.HEARTBEAT_FRESH_SECONDS:g} s",
+            f"{HEARTBEAT_FRESH_SECONDS:g} s",
         )
     name, at = max(ours, key=lambda pair: pair[1])
     return Health(True, f"ok: redis, storage, inbox consumer {name} {max(now - at, 0):.0f} s ago")

@@ -20,10 +20,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-import redis
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -31,8 +30,8 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("apsis.metrics")
@@ -43,14 +42,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "apsis_export_"
 #: The content type of ``render()``'s answer.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-#: Batches whose progress one scrape sums (running batches only; more are unusual).
-MAX_BATCHES_SCRAPED = 1000
-#: Seconds ahead counted as "due soon" by apsis_export_jobs_due_soon.
-DUE_SOON_SECONDS = 24 * 3600
-#: Seconds an inbox consumer's heartbeat counts as alive (see worker.flow.consumer).
-HEARTBEAT_FRESH_SECONDS = 30.0
-#: Sorted set of inbox consumers scored by their last heartbeat (unix seconds).
-HEARTBEATS_KEY = "apsis:heartbeats"
 
 #: Latency buckets, in seconds, for calls to APSIS (a download's is time to its headers).
 APSIS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -258,125 +249,7 @@ def batch_ended(state: str) -> None:
     metrics().batches_ended.labels(state).inc()
 
 
-# -- scraping ------------------------------------------------------------------------------
-
-
-class PoolCollector(Collector):
-    """Pool-wide gauges read from Redis at scrape time (the same on every target)."""
-
-    def __init__(self, client: redis.Redis, *, now: Callable[[], float] = time.time) -> None:
-        self._client = client
-        self._now = now
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # read at scrape time: nothing to describe ahead
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(PREFIX + "redis_up", "1 if Redis answered this scrape.")
-        try:
-            found = list(self._pool_gauges())
-        except redis.RedisError as exc:
-            log.warning("metrics: redis unavailable", extra={"reason": type(exc).__name__})
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        yield from found
-
-    def _pool_gauges(self) -> Iterator[Metric]:
-        # Imported here: worker.model.jobs records metrics itself (it imports this module).
-        from worker.flow.batches import RUNNING_KEY
-        from worker.model.inbox import STREAM
-        from worker.model.jobs import JobStore
-
-        client = self._client
-        now = self._now()
-        jobs = JobStore(client)
-
-        by_state = GaugeMetricFamily(
-            PREFIX + "jobs", "Jobs by state (pool-wide, from Redis).", labels=["state"]
-        )
-        counts = jobs.counts()
-        for state in JOB_STATES:
-            by_state.add_metric([state], max(counts.get(state, 0), 0))
-        yield by_state
-
-        oldest = jobs.oldest_waiting()
-        waiting = GaugeMetricFamily(
-            PREFIX + "oldest_waiting_seconds",
-            "Age of the job that has waited longest for APSIS's callback (0: none waiting).",
-        )
-        waiting.add_metric([], max(now - oldest, 0.0) if oldest is not None else 0.0)
-        yield waiting
-
-        nearest: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
-            jobs.deadlines_key, 0, 0, withscores=True
-        )
-        deadline = GaugeMetricFamily(
-            PREFIX + "deadline_nearest_seconds",
-            "Seconds until the nearest unfinished job's deadline (negative: overdue; "
-            "absent: no unfinished job).",
-        )
-        if nearest:
-            deadline.add_metric([], nearest[0][1] - now)
-        yield deadline
-        due = GaugeMetricFamily(
-            PREFIX + "jobs_due_soon",
-            f"Unfinished jobs whose deadline is within {DUE_SOON_SECONDS} s (or past).",
-        )
-        due.add_metric([], int(client.zcount(jobs.deadlines_key, "-inf", now + DUE_SOON_SECONDS)))
-        yield due
-
-        backlog = GaugeMetricFamily(
-            PREFIX + "inbox_backlog", "Callbacks recorded and not yet applied (XLEN)."
-        )
-        backlog.add_metric([], int(client.xlen(STREAM)))
-        yield backlog
-
-        consumers = GaugeMetricFamily(
-            PREFIX + "inbox_consumers",
-            f"Inbox consumers with a heartbeat in the last {HEARTBEAT_FRESH_SECONDS:g} s.",
-        )
-        alive = client.zcount(HEARTBEATS_KEY, now - HEARTBEAT_FRESH_SECONDS, "+inf")
-        consumers.add_metric([], int(alive))
-        yield consumers
-
-        yield from self._batch_gauges(RUNNING_KEY)
-
-    def _batch_gauges(self, running_key: str) -> Iterator[Metric]:
-        client = self._client
-        ids: list[bytes] = client.zrange(running_key, 0, MAX_BATCHES_SCRAPED - 1)  # type: ignore[assignment]
-        pipe = client.pipeline(transaction=False)
-        for batch_id in ids:
-            pipe.hmget(f"apsis:batch:{batch_id.decode()}", "state", "total", "submitted")
-            pipe.hmget(f"apsis:batch:{batch_id.decode()}", "done", "failed")
-        answers: list[Any] = pipe.execute() if ids else []
-        batches: dict[str, int] = {}
-        progress = {"done": 0, "failed": 0, "in_flight": 0, "waiting": 0}
-        for head, ends in zip(answers[::2], answers[1::2], strict=True):
-            state = (head[0] or b"unknown").decode()
-            batches[state] = batches.get(state, 0) + 1
-            total, submitted = int(head[1] or 0), int(head[2] or 0)
-            done, failed = int(ends[0] or 0), int(ends[1] or 0)
-            progress["done"] += done
-            progress["failed"] += failed
-            progress["in_flight"] += max(submitted - done - failed, 0)
-            progress["waiting"] += max(total - submitted, 0) if state == "running" else 0
-        by_state = GaugeMetricFamily(
-            PREFIX + "batches", "Unfinished batches by state.", labels=["state"]
-        )
-        for state in sorted({"running", *batches}):
-            by_state.add_metric([state], batches.get(state, 0))
-        yield by_state
-        jobs = GaugeMetricFamily(
-            PREFIX + "batch_jobs",
-            "Jobs of unfinished batches: done, failed, in flight, waiting to be sent.",
-            labels=["state"],
-        )
-        for state, count in progress.items():
-            jobs.add_metric([state], count)
-        yield jobs
+# -- the counters and histograms of every process -----------------------------------------
 
 
 class _Delegate(Collector):
@@ -389,15 +262,7 @@ class _Delegate(Collector):
         yield from self._source.collect()
 
 
-def scrape_registry(client: redis.Redis | None) -> CollectorRegistry:
-    """A registry holding every process's counters and histograms plus the pool gauges."""
-    registry = _counters_registry()
-    if client is not None:
-        registry.register(PoolCollector(client))
-    return registry
-
-
-def _counters_registry() -> CollectorRegistry:
+def counters_registry() -> CollectorRegistry:
     """A registry holding every process's counters and histograms (no pool gauges yet)."""
     registry = CollectorRegistry(auto_describe=False)
     path = multiprocess_dir()
@@ -406,56 +271,3 @@ def _counters_registry() -> CollectorRegistry:
     else:
         registry.register(_Delegate(metrics().registry))
     return registry
-
-
-def render(client: redis.Redis | None) -> bytes:
-    """The text exposition format of ``scrape_registry(client)``."""
-    return generate_latest(scrape_registry(client))
-
-
-# -- the worker's metrics port ---------------------------------------------------------------
-
-
-class MetricsServer:
-    """Serves ``/metrics`` from a thread of the worker's main process."""
-
-    def __init__(self, port: int, client_factory: Callable[[], redis.Redis], *, host: str) -> None:
-        self.port = port
-        self.host = host
-        self._client_factory = client_factory
-        self._server: Any = None
-
-    def start(self) -> bool:
-        """Start serving; False (and a warning, the worker goes on) if the port is taken."""
-        from prometheus_client import start_http_server
-
-        registry = _counters_registry()
-        registry.register(_LazyPool(self._client_factory))
-        try:
-            server, _thread = start_http_server(self.port, addr=self.host, registry=registry)
-        except OSError as exc:
-            log.warning(
-                "metrics port unavailable; this worker serves no metrics",
-                extra={"reason": f"{type(exc).__name__} on port {self.port}"},
-            )
-            return False
-        self._server = server
-        self.port = int(server.server_address[1])
-        log.info("serving metrics", extra={"event": "metrics_port", "status": self.port})
-        return True
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-class _LazyPool(Collector):
-    """The pool gauges on a Redis client built at the first scrape (not at worker start)."""
-
-    def __init__(self, client_factory: Callable[[], redis.Redis]) -> None:
-        self._client = functools.cache(client_factory)
-
-    def collect(self) -> Iterator[Metric]:
-        yield from PoolCollector(self._client()).collect()

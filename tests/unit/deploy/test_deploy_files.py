@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from worker.ops import gauges
 from worker.telemetry import metrics
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -130,7 +131,7 @@ def _pool_metric_names() -> set[str]:
     """Every metric name the code exposes: counters, histograms and the scraped gauges."""
     fake = fakeredis.FakeRedis()
     families = list(metrics.metrics().registry.collect())
-    families += list(metrics.PoolCollector(fake).collect())
+    families += list(gauges.PoolCollector(fake).collect())
     return {family.name for family in families}
 
 

@@ -9,13 +9,14 @@ import fakeredis
 
 from worker.deliverable.storage import Storage
 from worker.flow.runtime import Runtime
+from worker.model.inbox import Inbox
 from worker.ops.health import check_node
-from worker.telemetry import metrics
 
 
 def _rt(tmp_path: Path, server: fakeredis.FakeServer) -> Runtime:
     rt = type("Rt", (), {})()
     rt.redis = fakeredis.FakeRedis(server=server)
+    rt.inbox = Inbox(rt.redis)
     rt.storage = Storage(f"file://{tmp_path}")
     return cast(Runtime, rt)
 
@@ -23,7 +24,8 @@ def _rt(tmp_path: Path, server: fakeredis.FakeServer) -> Runtime:
 def test_a_node_with_a_fresh_heartbeat_is_healthy(tmp_path: Path) -> None:
     server = fakeredis.FakeServer()
     rt = _rt(tmp_path, server)
-    rt.redis.zadd(metrics.HEARTBEATS_KEY, {"node-a-4242": 995.0, "node-b-1": 999.0})
+    rt.inbox.beat("node-a-4242", 995.0)
+    rt.inbox.beat("node-b-1", 999.0)
     health = check_node(rt, node="node-a", now=1000.0)
     assert health.ok
     assert health.line == "ok: redis, storage, inbox consumer node-a-4242 5 s ago"
@@ -32,7 +34,7 @@ def test_a_node_with_a_fresh_heartbeat_is_healthy(tmp_path: Path) -> None:
 def test_a_stale_or_missing_heartbeat_and_a_dead_redis_are_unhealthy(tmp_path: Path) -> None:
     server = fakeredis.FakeServer()
     rt = _rt(tmp_path, server)
-    rt.redis.zadd(metrics.HEARTBEATS_KEY, {"node-a-1": 900.0})
+    rt.inbox.beat("node-a-1", 900.0)
     stale = check_node(rt, node="node-a", now=1000.0)
     assert not stale.ok and stale.line.startswith("unhealthy: no inbox consumer heartbeat")
     server.connected = False

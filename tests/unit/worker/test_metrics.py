@@ -12,6 +12,7 @@ from prometheus_client.core import Metric
 
 from worker.model.inbox import Inbox
 from worker.model.jobs import ExportOptions, JobStore, State
+from worker.ops import gauges
 from worker.telemetry import metrics
 
 
@@ -55,7 +56,7 @@ def test_a_job_ending_is_counted_once_and_failures_are_listed() -> None:
 def _gauges(client: fakeredis.FakeRedis, now: float) -> dict[str, list[Any]]:
     found: dict[str, list[Any]] = {}
     family: Metric
-    for family in metrics.PoolCollector(client, now=lambda: now).collect():
+    for family in gauges.PoolCollector(client, now=lambda: now).collect():
         found[family.name] = [(s.labels, s.value) for s in family.samples]
     return found
 
@@ -73,7 +74,7 @@ def test_pool_gauges_come_from_redis_without_any_id_or_key() -> None:
     )
     jobs.transition("w1", State.REQUESTED, waiting_until=5000.0, now=1000.0)
     Inbox(client).append(job_id="w1", attempt=1, code=100, message="m")
-    client.zadd(metrics.HEARTBEATS_KEY, {"host-1": 1040.0})
+    Inbox(client).beat("host-1", 1040.0)
     gauges = _gauges(client, now=1050.0)
     assert ({"state": "requested"}, 1) in gauges["apsis_export_jobs"]
     assert gauges["apsis_export_oldest_waiting_seconds"] == [({}, 50.0)]
