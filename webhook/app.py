@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from webhook import callbacks, health, metrics, status
+from webhook.resources import WebhookResources
 from worker.config import Settings, load_settings
 from worker.flow.runtime import redis_client
 from worker.model.inbox import Inbox
@@ -15,25 +15,6 @@ from worker.model.jobs import JobStore
 
 #: Seconds a Redis call from the webhook may take before it answers 503 (APSIS retries).
 WEBHOOK_REDIS_TIMEOUT = 2.0
-
-
-@dataclass
-class WebhookResources:
-    settings: Settings
-    redis: redis.Redis
-    jobs: JobStore
-    inbox: Inbox
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        current = self.settings.CALLBACK_SECRET or ""
-        previous = self.settings.CALLBACK_SECRET_PREVIOUS
-        return (current, previous) if previous else (current,)
-
-
-def resources(app: Flask) -> WebhookResources:
-    found: WebhookResources = app.extensions["apsis"]
-    return found
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -48,8 +29,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["apsis"] = WebhookResources(
         settings=settings, redis=client, jobs=JobStore(client), inbox=Inbox(client)
     )
-
-    from webhook import callbacks, health, metrics, status
 
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(health.bp)

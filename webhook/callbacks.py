@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from webhook.app import resources
+from webhook.resources import resources
 from worker.model import callback_token, control_chars
 from worker.telemetry import metrics
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from webhook.app import resources
+from webhook.resources import resources
 from worker.deliverable.storage import Storage
 from worker.errors import ExportError
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
 
-from webhook.app import resources
+from webhook.resources import resources
+from worker.ops import gauges
 from worker.telemetry import metrics
 
 bp = Blueprint("metrics", __name__)
@@ -13,5 +14,5 @@ bp = Blueprint("metrics", __name__)
 @bp.get("/metrics")
 def scrape() -> Response:
     # Built per scrape: in multiprocess mode the collector reads every process's files.
-    body = metrics.render(resources(current_app).redis)
+    body = gauges.render(resources(current_app).redis)
     return Response(body, mimetype=None, content_type=metrics.CONTENT_TYPE)

@@ -17,10 +17,11 @@ from flask import Blueprint, Response, abort, current_app, render_template_strin
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
-from webhook.app import resources
-from worker.flow.batches import RUNNING_KEY, batch_key
-from worker.model.inbox import STREAM
+from webhook.resources import resources
+from worker.model.batch_store import BatchStore
+from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
+from worker.ops.gauges import DUE_SOON_SECONDS
 from worker.telemetry import metrics
 
 bp = Blueprint("status", __name__)
@@ -82,59 +83,53 @@ def _text(raw: Any) -> str:
 
 
 def gather(client: Any, now: float) -> dict[str, Any]:
-    """Everything the page shows, read from Redis."""
+    """Everything the page shows, read from Redis through the stores."""
     jobs = JobStore(client)
     counts = jobs.counts()
     by_state = [(state, max(counts.get(state, 0), 0)) for state in metrics.JOB_STATES]
 
-    batches: list[BatchRow] = []
-    for raw_id in client.zrevrange(RUNNING_KEY, 0, MAX_BATCHES - 1):
-        batch_id = _text(raw_id)
-        data = {_text(k): _text(v) for k, v in client.hgetall(batch_key(batch_id)).items()}
-        if not data.get("total"):
-            continue
-        total, submitted = int(data["total"]), int(data.get("submitted") or 0)
-        done, failed = int(data.get("done") or 0), int(data.get("failed") or 0)
-        state = data.get("state", "")
-        batches.append(
-            BatchRow(
-                batch_id=batch_id,
-                state=state,
-                total=total,
-                done=done,
-                failed=failed,
-                in_flight=max(submitted - done - failed, 0),
-                waiting=max(total - submitted, 0) if state == "running" else 0,
-                age=_ago(now - float(data.get("created_at") or now)),
-            )
+    store = BatchStore(client, jobs)
+    batches = [
+        BatchRow(
+            batch_id=batch.batch_id,
+            state=batch.state,
+            total=batch.total,
+            done=batch.done,
+            failed=batch.failed,
+            in_flight=max(batch.submitted - batch.done - batch.failed, 0),
+            waiting=batch.waiting,
+            age=_ago(now - batch.created_at),
         )
+        for batch in store.many(store.running_ids(MAX_BATCHES, newest_first=True))
+        if batch.total
+    ]
 
     failures = []
     for job_id in jobs.recent_failures(MAX_FAILURES):
-        error, batch_id, updated = client.hmget(jobs.key(job_id), "error", "batch_id", "updated_at")
+        job = jobs.find(job_id)
         failures.append(
             {
                 "job_id": job_id,
-                "batch_id": _text(batch_id),
-                "ago": _ago(now - float(_text(updated) or now)) if updated else "",
-                "reason": public_reason(_text(error)) if error else "(record expired)",
+                "batch_id": (job.batch_id or "") if job else "",
+                "ago": _ago(now - job.updated_at) if job else "",
+                "reason": public_reason(job.error) if job and job.error else "(record expired)",
             }
         )
 
     deadlines = []
-    for member, score in client.zrange(jobs.deadlines_key, 0, MAX_DEADLINES - 1, withscores=True):
-        job_id = _text(member).removeprefix("apsis:job:")
-        state = _text(client.hget(_text(member), "state"))
-        left = score - now
+    for job_id, at in jobs.nearest_deadlines(MAX_DEADLINES):
+        job = jobs.find(job_id)
+        left = at - now
         deadlines.append(
             {
                 "job_id": job_id,
-                "state": state,
+                "state": job.state.value if job else "",
                 "left": ("overdue by " if left < 0 else "") + _ago(left),
-                "urgent": left < metrics.DUE_SOON_SECONDS,
+                "urgent": left < DUE_SOON_SECONDS,
             }
         )
 
+    inbox = Inbox(client)
     oldest = jobs.oldest_waiting()
     return {
         "now": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
@@ -142,10 +137,8 @@ def gather(client: Any, now: float) -> dict[str, Any]:
         "batches": batches,
         "failures": failures,
         "deadlines": deadlines,
-        "backlog": int(client.xlen(STREAM)),
-        "consumers": int(
-            client.zcount(metrics.HEARTBEATS_KEY, now - metrics.HEARTBEAT_FRESH_SECONDS, "+inf")
-        ),
+        "backlog": inbox.backlog(),
+        "consumers": inbox.live_consumer_count(now),
         "oldest_waiting": _ago(now - oldest) if oldest is not None else "none waiting",
         "refresh": REFRESH_SECONDS,
     }

@@ -14,8 +14,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from webhook.app import WebhookResources, create_app
+from webhook.app import create_app
 from webhook.callbacks import FLOOD_LIMIT, MAX_MESSAGE_CHARS
+from webhook.resources import WebhookResources
 from worker.config import Settings, load_settings
 from worker.model import callback_token
 from worker.model.inbox import STREAM, Inbox

@@ -11,7 +11,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from webhook.app import WebhookResources, create_app
+from webhook.app import create_app
+from webhook.resources import WebhookResources
 from webhook.status import public_reason
 from worker.config import load_settings
 from worker.model import callback_token
@@ -81,6 +82,9 @@ def test_the_page_shows_batches_states_failures_and_deadlines_escaped(status: An
             "done": 3,
             "failed": 1,
             "created_at": "1",
+            "account": "default",
+            "options": "{}",
+            "max_in_flight": 10,
         },
     )
     fake.zadd("apsis:batches:running", {"b1": 1})
