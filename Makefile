@@ -30,6 +30,7 @@ format: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check worker tasks webhook sandbox bench tests
 	$(VENV)/bin/ruff check worker tasks webhook sandbox bench tests
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -1,1 +1,7 @@
-"""worker.ops."""
+"""Operating a running pool: health probes, verification of stored exports, pool gauges.
+
+``health`` (the worker probe), ``verify`` (re-check a job's or batch's stored objects),
+``gauges`` (the pool-wide Prometheus gauges read from Redis, and the metrics server).
+
+May import: ``worker.flow`` and below.
+"""
