@@ -25,6 +25,7 @@ ENV = {
     "APSIS_DOWNLOAD_RATE": "24000",
     "APSIS_TOKEN_RATE": "600",
     "CELERY_VISIBILITY_TIMEOUT": "30",
+    "DOWNLOAD_TIMEOUT": "20",  # no fetch may outlive the visibility timeout (worker/config.py)
     "WATCHDOG_INTERVAL": "1",
     "LOG_LEVEL": "INFO",
 }

@@ -55,7 +55,8 @@ def test_a_taken_message_stays_in_flight_until_it_is_recorded_as_unacknowledged(
         _publish(conn, {"n": 1})
 
         def on_message(body: Any, message: kombu.Message) -> None:
-            # While the worker handles it: recorded as unacknowledged, not yet out of flight.
+            # While the worker handles it: recorded as unacknowledged, and out of flight in the
+            # same step (never in neither place, never in both).
             seen.append(
                 (body, redis_db.llen(inflight.inflight_key(QUEUE)), redis_db.hlen("unacked"))
             )
@@ -64,7 +65,7 @@ def test_a_taken_message_stays_in_flight_until_it_is_recorded_as_unacknowledged(
         with conn.Consumer(queue, callbacks=[on_message], accept=["json"]):
             conn.drain_events(timeout=5)
 
-        assert seen == [({"n": 1}, 1, 1)]
+        assert seen == [({"n": 1}, 0, 1)]
         # Delivered: out of the in-flight list, off the queue, unacknowledged until acked.
         assert redis_db.llen(inflight.inflight_key(QUEUE)) == 0
         assert redis_db.llen(QUEUE) == 0
@@ -103,6 +104,68 @@ def test_a_message_sent_with_a_priority_is_moved_where_workers_take_it(
         assert _consume_one(conn) == [{"n": 3}]
 
 
+def _drain_quietly(conn: kombu.Connection, timeout: float = 0.2) -> None:
+    try:
+        conn.drain_events(timeout=timeout)
+    except TimeoutError:
+        pass
+
+
+def test_a_reply_held_without_prefetch_credit_is_not_run_again_after_the_sweep_requeued_it(
+    redis_db: redis.Redis, redis_url: str
+) -> None:
+    """kombu 5.7 holds a BLMOVE reply that arrives while the channel has no prefetch credit
+    (Celery lowers the prefetch count whenever a countdown task starts). Meanwhile the sweep
+    requeues the message and another consumer runs it; when credit returns, the held reply
+    must not deliver it a second time."""
+    runs: dict[int, list[str]] = {}
+    taken: list[kombu.Message] = []
+
+    def consumer(name: str) -> Any:
+        def on_message(body: Any, message: kombu.Message) -> None:
+            runs.setdefault(body["n"], []).append(name)
+            taken.append(message)
+            if name == "other":
+                message.ack()
+
+        return on_message
+
+    queue = kombu.Queue(QUEUE, routing_key=QUEUE)
+    with (
+        kombu.Connection(redis_url, transport=TRANSPORT) as holder_conn,
+        kombu.Connection(redis_url, transport=TRANSPORT) as other_conn,
+    ):
+        _publish(holder_conn, {"n": 1})
+        holder = holder_conn.Consumer(queue, callbacks=[consumer("holder")], accept=["json"])
+        holder.qos(prefetch_count=2)  # as Celery raises it while a countdown task waits
+        with holder:
+            _drain_quietly(holder_conn)  # takes message 1; keeps it unacknowledged
+            _drain_quietly(holder_conn)  # with credit left: a BLMOVE now waits in Redis
+            holder.qos(prefetch_count=1)  # the countdown task starts: credit gone
+            _publish(other_conn, {"n": 2})  # the waiting BLMOVE takes it; kombu holds it
+            _drain_quietly(holder_conn)
+            assert runs == {1: ["holder"]}
+            assert redis_db.llen(inflight.inflight_key(QUEUE)) == 1
+
+            # Two sweeps: still in flight, so back on the queue; another consumer runs it.
+            inflight.recover(redis_db, QUEUE)
+            assert inflight.recover(redis_db, QUEUE) == 1
+            with other_conn.Consumer(queue, callbacks=[consumer("other")], accept=["json"]):
+                _drain_quietly(other_conn, timeout=5)
+            assert runs[2] == ["other"]
+
+            # Message 1 done: credit returns, and the held reply is read.
+            taken[0].ack()
+            for _ in range(3):
+                _drain_quietly(holder_conn)
+
+    duplicates = sum(len(names) - 1 for names in runs.values())
+    print(f"duplicate task runs: {duplicates}")
+    assert runs == {1: ["holder"], 2: ["other"]}
+    assert redis_db.llen(QUEUE) == 0
+    assert redis_db.llen(inflight.inflight_key(QUEUE)) == 0
+
+
 @pytest.mark.timeout(300)
 def test_workers_keep_taking_tasks_through_redis_restarts(tmp_path: Path) -> None:
     """Three Redis restarts while two workers run 200 exports: every job is recorded, and
@@ -113,7 +176,12 @@ def test_workers_keep_taking_tasks_through_redis_restarts(tmp_path: Path) -> Non
         storage_url=f"file://{tmp_path}/exports",
         workers=2,
         concurrency=2,
-        env={"WATCHDOG_INTERVAL": "1", "CELERY_VISIBILITY_TIMEOUT": "30", "LOG_LEVEL": "INFO"},
+        env={
+            "WATCHDOG_INTERVAL": "1",
+            "CELERY_VISIBILITY_TIMEOUT": "30",
+            "DOWNLOAD_TIMEOUT": "20",
+            "LOG_LEVEL": "INFO",
+        },
         log_dir=tmp_path,
     )
     try:

@@ -72,6 +72,7 @@ ENV = {
     "WATCHDOG_STUCK_AFTER": "5",
     "INBOX_RECLAIM_AFTER": "3",
     "CELERY_VISIBILITY_TIMEOUT": "30",
+    "DOWNLOAD_TIMEOUT": "20",  # no fetch may outlive the visibility timeout (worker/config.py)
     "LOG_LEVEL": "INFO",
 }
 SANDBOX_CONFIG = {

@@ -5,7 +5,10 @@
    ``worker.queue.inflight``). Our channel takes it with BLMOVE into an in-flight list instead and
    removes it from there once recorded; the watchdog requeues what a lost connection left.
    It reads one queue (ours: ``apsis``; a channel consuming more falls back to kombu's
-   BRPOP); the sweep moves messages sent with a Celery priority there.
+   BRPOP); the sweep moves messages sent with a Celery priority there. A message leaves the
+   in-flight list and becomes unacknowledged in one step (``ClaimingQoS``), so a reply kombu
+   held while the worker had no prefetch credit, and the sweep meanwhile requeued, is dropped
+   rather than run a second time (see ``worker.queue.inflight``).
 
 2. Settling a message (``Channel.basic_ack``/``basic_reject``). A message whose ack or
    reject did not reach Redis no longer holds a prefetch slot, so the worker goes on taking
@@ -19,14 +22,15 @@ from __future__ import annotations
 
 import logging
 from queue import Empty
-from time import monotonic
+from time import monotonic, time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
+from worker.queue import inflight
 from worker.queue.inflight import inflight_key
 
 log = logging.getLogger("apsis.broker")
@@ -35,12 +39,48 @@ log = logging.getLogger("apsis.broker")
 #: kombu's Redis classes, typed loosely: the stubs leave out the private parts we extend.
 _RedisChannel: Any = kombu_redis.Channel
 _RedisTransport: Any = kombu_redis.Transport
+_RedisQoS: Any = kombu_redis.QoS
+
+
+class AlreadyRequeued(Exception):
+    """The sweep put a taken message back on the queue before this consumer recorded it."""
+
+
+class ClaimingQoS(_RedisQoS):  # type: ignore[misc]
+    """kombu's Redis QoS; a message taken with BLMOVE is recorded as unacknowledged only if it
+    is still in the in-flight list, and leaves the list in the same step."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        taken: tuple[str, bytes] | None = self.channel._taken
+        if taken is None:
+            super().append(message, delivery_tag)
+            return
+        self.channel._taken = None
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.channel.conn_or_acquire() as client:
+            claimed = inflight.claim(
+                client,
+                taken[0],
+                taken[1],
+                unacked_index=self.unacked_index_key,
+                unacked=self.unacked_key,
+                delivery_tag=delivery_tag,
+                record=record,
+                at=time(),
+            )
+        if not claimed:
+            raise AlreadyRequeued()
+        kombu_virtual.QoS.append(self, message, delivery_tag)
 
 
 class Channel(_RedisChannel):  # type: ignore[misc]
     """kombu's Redis channel, taking messages with BLMOVE into an in-flight list."""
 
+    QoS = ClaimingQoS
     _blmove_queue: str | None = None
+    #: The in-flight list and the message just taken, until ``ClaimingQoS`` records it.
+    _taken: tuple[str, bytes] | None = None
 
     def _single_queue(self) -> bool:
         return len(self.active_queues) == 1 and not self.global_keyprefix
@@ -72,12 +112,23 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             if item is None:
                 raise Empty()
             self._queue_cycle.rotate(queue)
-            # Delivery records the message as unacknowledged; only then it leaves the list.
-            self.connection._deliver(loads(bytes_to_str(item)), queue)
-            with self.conn_or_acquire() as client:
-                client.lrem(inflight_key(queue), 1, item)
+            # Delivery records the message as unacknowledged and takes it out of the list in
+            # one step (ClaimingQoS), or finds the sweep requeued it: then it is not run here.
+            self._taken = (inflight_key(queue), item)
+            try:
+                self.connection._deliver(loads(bytes_to_str(item)), queue)
+            except AlreadyRequeued:
+                log.info(
+                    "a taken task message was requeued by the sweep; not run here",
+                    extra={"event": "message_already_requeued"},
+                )
+                raise Empty() from None
+            if self._taken is not None:  # a no_ack consumer: nothing recorded it
+                with self.conn_or_acquire() as client:
+                    client.lrem(inflight_key(queue), 1, item)
             return True
         finally:
+            self._taken = None
             self._in_poll = None
             self._blmove_queue = None
             flush = getattr(self, "_flush_brpop_reauth", None)

@@ -5,9 +5,20 @@ unacknowledged (a second round trip). If the connection dies in between (Redis r
 the worker is killed, or Redis exits before sending the BRPOP reply), the message is in
 neither place: lost. Our workers take messages with BLMOVE instead, into an in-flight list
 (``worker.queue.broker``), and remove them from it once recorded. The watchdog sweep puts back on
-the queue whatever stayed in that list across two sweeps: no live consumer leaves a message
-there for longer than a few milliseconds. It also moves messages sent with a Celery
-``priority`` (kombu keeps them in lists of their own) to the end of the queue.
+the queue whatever stayed in that list across two sweeps. It also moves messages sent with a
+Celery ``priority`` (kombu keeps them in lists of their own) to the end of the queue.
+
+A message in the list belongs to whoever takes it out of the list, and each side does so in
+one atomic step: the sweep (``RECOVER``: out of the list, onto the queue) or the consumer
+that took it (``CLAIM``: out of the list, into kombu's unacknowledged record). A live
+consumer can leave a message there for a long time: kombu (5.7) holds a BLMOVE reply that
+arrives while the channel has no prefetch credit until credit returns, and Celery takes
+credit away whenever a countdown task starts, for as long as the running task takes. If the
+sweep requeues such a message (another worker then runs it), the consumer's claim finds it
+gone and drops the held reply instead of running the task a second time. We chose this over
+heartbeats of what each consumer holds (more moving parts, and a busy worker would keep the
+message from the pool for as long as its task runs) and over never issuing BLMOVE without
+credit (credit is taken away while a BLMOVE waits in Redis, which we cannot call back).
 """
 
 from __future__ import annotations
@@ -45,6 +56,18 @@ end
 return restored
 """
 
+#: The consumer's side: out of the in-flight list and into kombu's unacknowledged record
+#: (index and message, as ``kombu.transport.redis.QoS.append`` writes them) in one step; or
+#: nothing, if the sweep has put the message back on the queue already (0).
+CLAIM = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return 0
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+
 #: kombu's lists for messages sent with a Celery ``priority`` (lower than the default's, as
 #: Redis counts them); our workers read only the default list, where the sweep moves them.
 PRIORITY_SEPARATOR = "\x06\x16"
@@ -68,3 +91,21 @@ def recover(client: Any, queue: str) -> int:
     keys += [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
     restored: int = client.eval(RECOVER, len(keys), *keys)
     return restored
+
+
+def claim(
+    client: Any,
+    inflight: str,
+    item: bytes,
+    *,
+    unacked_index: str,
+    unacked: str,
+    delivery_tag: str,
+    record: str,
+    at: float,
+) -> bool:
+    """Move a taken message (``item``, as BLMOVE returned it) from the in-flight list
+    ``inflight`` into the unacknowledged record; False if the sweep requeued it first."""
+    keys = [inflight, unacked_index, unacked]
+    claimed: int = client.eval(CLAIM, len(keys), *keys, item, repr(at), delivery_tag, record)
+    return claimed == 1
