@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -52,6 +53,42 @@ LOCAL_DIR_MODE = 0o700
 
 _T = TypeVar("_T")
 
+log = logging.getLogger("apsis.storage")
+
+#: The processes (their pids) that must never do storage I/O: a Celery worker's main process,
+#: which forks pool children. obstore's runtime does not survive fork(): once the parent
+#: has used it, every child forked afterwards (after an OOM kill, a crash, or
+#: max_tasks_per_child) hangs for good on its first upload. A child has another pid, so
+#: the ban is not inherited.
+_NO_IO_PIDS: set[int] = set()
+
+
+def forbid_io_in_this_process() -> None:
+    """From now on, storage I/O in this process raises StorageError (and logs an error);
+    it hands such work to the pool instead (see ``io_allowed_here``)."""
+    _NO_IO_PIDS.add(os.getpid())
+
+
+def allow_io_in_this_process() -> None:
+    """Undo ``forbid_io_in_this_process`` (for tests)."""
+    _NO_IO_PIDS.discard(os.getpid())
+
+
+def io_allowed_here() -> bool:
+    """False in a process that forks children which use storage (a Celery main process)."""
+    return os.getpid() not in _NO_IO_PIDS
+
+
+def _refuse_io_here(action: str) -> None:
+    if not io_allowed_here():
+        # A bug, not a storage fault: say so loudly, and never touch obstore in this process.
+        log.error(
+            "storage I/O refused in the pool's parent process",
+            extra={"event": "storage_io_refused", "reason": action},
+        )
+        raise StorageError(f"{action}: refused: storage I/O in a process that forks the pool")
+
+
 _RETRY: RetryConfig = {
     "max_retries": MAX_RETRIES,
     "retry_timeout": timedelta(seconds=RETRY_TIMEOUT_SECONDS),
@@ -78,14 +115,20 @@ class Storage:
         self._ring = encryption
         self._local_root: Path | None = None
         new_root = urlsplit(url).scheme == "file" and not _local_path(url).exists()
+        # Opening a store does no I/O through obstore's runtime: allowed in any process.
         self._store: ObjectStore = _guard(
             f"cannot open storage {_safe_url(url)}",
             lambda: _open(url, sse=sse, sse_kms_key_id=sse_kms_key_id),
+            io=False,
         )
         if isinstance(self._store, LocalStore) and self._store.prefix is not None:
             root = self._local_root = Path(self._store.prefix)
             if new_root:
-                _guard(f"cannot open storage {_safe_url(url)}", lambda: root.chmod(LOCAL_DIR_MODE))
+                _guard(
+                    f"cannot open storage {_safe_url(url)}",
+                    lambda: root.chmod(LOCAL_DIR_MODE),
+                    io=False,
+                )
         # Local files carry no attributes: obstore refuses a Content-Type there.
         self._attributes = not isinstance(self._store, LocalStore)
 
@@ -104,17 +147,35 @@ class Storage:
     def encrypted(self) -> bool:
         return self._ring is not None
 
-    def put_file(self, key: str, source: Path, *, content_type: str = "application/json") -> None:
-        """Upload ``source`` as ``key``; big files go multipart with bounded memory."""
+    @property
+    def usable_here(self) -> bool:
+        """Whether this process may do storage I/O (not a Celery main process: see
+        ``forbid_io_in_this_process``); where not, callers dispatch a task instead."""
+        return io_allowed_here()
+
+    def put_file(
+        self,
+        key: str,
+        source: Path,
+        *,
+        content_type: str = "application/json",
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Upload ``source`` as ``key``; big files go multipart with bounded memory.
+
+        ``progress(n)`` is called each time the upload takes ``n`` more bytes of the file."""
 
         def put() -> None:
             self._private_folders(key)
             with source.open("rb") as f:
                 ring = self._ring
                 body: Any = f
+                if progress is not None or ring is not None:
+                    # Read a part at a time (memory stays flat), reporting what was taken.
+                    body = _reporting(iter(lambda: f.read(UPLOAD_PART_BYTES), b""), progress)
                 if ring is not None:
-                    # Encrypted on the fly, read a part at a time: memory stays flat.
-                    body = encrypt_stream(ring, iter(lambda: f.read(UPLOAD_PART_BYTES), b""))
+                    # Encrypted on the fly.
+                    body = encrypt_stream(ring, body)
                 obstore.put(
                     self._store,
                     key,
@@ -262,6 +323,13 @@ class Storage:
         return {"Content-Type": content_type} if self._attributes else None
 
 
+def _reporting(chunks: Iterator[bytes], progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    for chunk in chunks:
+        if progress is not None:
+            progress(len(chunk))
+        yield chunk
+
+
 def _open(url: str, *, sse: str | None = None, sse_kms_key_id: str | None = None) -> ObjectStore:
     scheme = urlsplit(url).scheme
     if scheme == "file":
@@ -324,8 +392,12 @@ def _safe_url(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
 
 
-def _guard(action: str, call: Callable[[], _T]) -> _T:
-    """Run ``call``; turn any obstore or OS error into a one-line StorageError."""
+def _guard(action: str, call: Callable[[], _T], *, io: bool = True) -> _T:
+    """Run ``call``; turn any obstore or OS error into a one-line StorageError.
+
+    ``io``: ``call`` uses obstore's runtime, so it is refused where that is forbidden."""
+    if io:
+        _refuse_io_here(action)
     try:
         return call()
     except StorageError:

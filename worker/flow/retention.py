@@ -17,6 +17,7 @@ from worker.errors import StorageError
 from worker.flow.runtime import Runtime
 from worker.model import batch_store
 from worker.model.jobs import State
+from worker.model.lease import JobLease, LeaseBusy
 
 log = logging.getLogger("apsis.retention")
 
@@ -26,6 +27,8 @@ RETENTION_BATCH = 200
 DAY_SECONDS = 86_400
 #: Batches by finish time (written by batches.finalize).
 FINISHED_BATCHES_KEY = "apsis:batches:finished"
+#: The task a worker's main process dispatches instead of sweeping (it does no storage I/O).
+RETENTION_TASK = "apsis.retention_sweep"
 
 
 def deletion_object(job_id: str) -> str:
@@ -38,6 +41,27 @@ def batch_deletion_object(batch_id: str) -> str:
 
 def _iso(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+def due(rt: Runtime, *, now: float | None = None) -> bool:
+    """Whether a sweep has anything to delete (Redis only: no storage I/O)."""
+    days = rt.settings.RETENTION_DAYS
+    if days <= 0:
+        return False
+    cutoff = (time.time() if now is None else now) - days * DAY_SECONDS
+    if rt.jobs.finished_before(cutoff, limit=1):
+        return True
+    return bool(rt.redis.zrangebyscore(FINISHED_BATCHES_KEY, "-inf", cutoff, start=0, num=1))
+
+
+def sweep_alone(rt: Runtime, *, now: float | None = None) -> list[str]:
+    """``sweep``, unless another process is sweeping already (then nothing): two sweeps at
+    once could write a deletion record that misses what the other one deleted."""
+    try:
+        with JobLease(rt.redis, "sweep", prefix="apsis:retention"):
+            return sweep(rt, now=now)
+    except LeaseBusy:
+        return []
 
 
 def sweep(rt: Runtime, *, now: float | None = None) -> list[str]:

@@ -2,15 +2,25 @@
 
 A fetch can take minutes; the lease tells a redelivered copy of the task (or the watchdog)
 that the job is being worked on by a live process, and expires quickly when that process dies.
+
+With ``stall_after``, the heartbeat proves progress, not just life: the holder calls
+``progress()`` as its step moves (bytes downloaded, parsed, uploaded), and a step that
+reported nothing for ``stall_after`` seconds is no longer renewed. A step hung for good (a
+storage call that never returns) then loses its lease like a dead process, and the job is
+dispatched again.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import uuid
 from types import TracebackType
 
 import redis
+
+log = logging.getLogger("apsis.lease")
 
 #: Seconds a lease lives without a heartbeat: how long a killed worker's job waits.
 LEASE_SECONDS = 30
@@ -40,10 +50,22 @@ class LeaseBusy(Exception):
 class JobLease:
     """``with JobLease(client, job_id):`` holds the job's lease or raises LeaseBusy."""
 
-    def __init__(self, client: redis.Redis, job_id: str, *, prefix: str = "apsis") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_id: str,
+        *,
+        prefix: str = "apsis",
+        stall_after: float | None = None,
+    ) -> None:
         self._client = client
         self._key = f"{prefix}:lease:{job_id}"
+        self._job_id = job_id
         self._owner = uuid.uuid4().hex
+        self._stall_after = stall_after
+        self._last_progress = time.monotonic()
+        #: True once a heartbeat found no progress within ``stall_after`` (and did not renew).
+        self.stalled = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._renew = client.register_script(_RENEW)
@@ -57,12 +79,31 @@ class JobLease:
         self._thread.start()
         return self
 
+    def progress(self) -> None:
+        """The step moved on (call it often: it is cheap); see ``stall_after``."""
+        self._last_progress = time.monotonic()
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self._renew(keys=[self._key], args=[self._owner, LEASE_SECONDS * 1000])
-            except redis.RedisError:
-                pass  # the next beat tries again; the lease outlives one missed beat
+            self.beat_once(time.monotonic())
+
+    def beat_once(self, now: float) -> bool:
+        """One heartbeat at monotonic time ``now``: renew the lease, unless the step has
+        stalled. True if renewed."""
+        idle = now - self._last_progress
+        if self._stall_after is not None and idle > self._stall_after:
+            if not self.stalled:
+                log.error(
+                    "step stalled: no progress; its lease is left to lapse",
+                    extra={"job_id": self._job_id, "event": "stalled", "seconds": round(idle, 1)},
+                )
+            self.stalled = True
+            return False
+        self.stalled = False
+        try:
+            return bool(self._renew(keys=[self._key], args=[self._owner, LEASE_SECONDS * 1000]))
+        except redis.RedisError:
+            return False  # the next beat tries again; the lease outlives one missed beat
 
     def __exit__(
         self,
