@@ -23,8 +23,20 @@ log = logging.getLogger("apsis.batch")
 
 #: The task that finalizes a batch (sent by name: the model knows nothing of Celery).
 FINALIZE_TASK = "apsis.finalize_batch"
-#: Sorted set of unfinished batches, scored by their last feeder pass.
+#: Sorted set of unfinished batches (running, cancelled with jobs out, or complete with the
+#: finalize or the caller's chain still to do), scored by their last submitted item (or the
+#: sweep's last look): the watchdog's safety net for a lost finalize.
 RUNNING_KEY = "apsis:batches:running"
+
+
+# KEYS: a batch. ARGV: a field, a value, 1 to keep a value already there. Sets the field only
+# on a batch that exists (never a stray hash for a batch deleted meanwhile); returns its value.
+_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[3] == '1' then redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
 
 
 def batch_key(batch_id: str) -> str:
@@ -78,6 +90,10 @@ class Batch:
     chain: dict[str, Any] | None
     #: Items not exported on their own: a finished job of the batch held them as merged.
     linked: int = 0
+    #: The caller's chain was sent (after the batch was finalized).
+    chain_sent: bool = False
+    #: What the caller's chain is sent (kept so a re-run can send it, once finalized).
+    result: dict[str, Any] | None = None
 
     @property
     def ended(self) -> int:
@@ -102,6 +118,14 @@ class Batch:
             return self.ended >= self.total
         return self.state == "cancelled" and self.ended >= self.submitted
 
+    @property
+    def needs_finalize(self) -> bool:
+        """Complete but not finalized, or finalized with the caller's chain not yet sent (a
+        batch finished before the chain's result was kept has its chain sent already)."""
+        if self.is_final:
+            return self.chain is not None and not self.chain_sent and self.result is not None
+        return self.complete
+
 
 def _batch(batch_id: str, raw: dict[bytes, bytes]) -> Batch:
     data = {k.decode(): v.decode() for k, v in raw.items()}
@@ -121,6 +145,8 @@ def _batch(batch_id: str, raw: dict[bytes, bytes]) -> Batch:
         finished_at=float(data["finished_at"]) if data.get("finished_at") else None,
         chain=json.loads(data["chain"]) if data.get("chain") else None,
         linked=int(data.get("linked", 0)),
+        chain_sent=data.get("chain_sent") == "1",
+        result=json.loads(data["result"]) if data.get("result") else None,
     )
 
 
@@ -175,6 +201,26 @@ class BatchStore:
 
     def forget_running(self, batch_id: str) -> None:
         self._client.zrem(RUNNING_KEY, batch_id)
+
+    def complete_since(self, batch_id: str, now: float) -> float:
+        """When the sweep first saw this batch waiting for its finalize (``now`` if this is
+        the first time): a finalize under way is given WATCHDOG_STUCK_AFTER from there."""
+        raw = self._client.eval(_MARK, 1, batch_key(batch_id), "complete_seen_at", repr(now), 1)
+        return float(raw) if raw is not None else now
+
+    def mark_rescued(self, batch_id: str, at: float) -> None:
+        """The sweep dispatched this batch's finalize: its finalize counts the rescue."""
+        self._client.eval(_MARK, 1, batch_key(batch_id), "rescued_at", repr(at), 0)
+
+    def rescued(self, batch_id: str) -> bool:
+        return bool(self._client.hexists(batch_key(batch_id), "rescued_at"))
+
+    def mark_chain_sent(self, batch_id: str) -> None:
+        """The caller's chain is on its way: nothing is left for any task to do."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hset(batch_key(batch_id), "chain_sent", "1")
+        pipe.zrem(RUNNING_KEY, batch_id)
+        pipe.execute()
 
     def last_job_ended(self, batch_id: str | None) -> bool:
         """After a batch job ended: True if it was the batch's last (finalize it now)."""
