@@ -5,7 +5,8 @@ ExportError
 ├── InputError             bad input from a user or a caller (exit code 2)
 │   ├── InvalidExportKey
 │   ├── BatchFileError
-│   └── JobIdConflict      a reused job or batch id asks for something else
+│   ├── JobIdConflict      a reused job or batch id asks for something else
+│   └── BatchEnded         a retry of an item of a batch that has ended
 ├── JobNotFound            no job (or batch) with that id (exit code 3)
 ├── ApsisError             anything APSIS One answered or failed to answer
 │   ├── RetryableApsisError   408, 429, 5xx, connection errors; may carry retry_after
@@ -51,6 +52,21 @@ class BatchFileError(InputError):
 class JobIdConflict(InputError):
     """A job or batch id that exists already was created for a different request (another
     export key, options, account or batch): refused, never answered with that one's export."""
+
+
+class BatchEnded(InputError):
+    """A batch item cannot start again: its batch has ended (summary, manifest and the
+    caller's chain are out) or was cancelled. A finished batch is never reopened."""
+
+    def __init__(self, job_id: str, batch_state: str) -> None:
+        how = "was cancelled" if batch_state.startswith("cancelled") else "has ended"
+        if batch_state == "deleted":
+            how = "was deleted"
+        super().__init__(
+            f"job {job_id} is an item of batch {job_id.rpartition('.')[0]}, which {how}; "
+            "a finished batch is not reopened: export the key again as a new job or batch"
+        )
+        self.batch_state = batch_state
 
 
 class JobNotFound(ExportError):

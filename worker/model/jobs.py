@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from worker.errors import JobIdConflict, JobNotFound
+from worker.errors import BatchEnded, JobIdConflict, JobNotFound
 from worker.model import purpose
 from worker.telemetry import metrics
 
@@ -54,7 +54,8 @@ ALLOWED_FROM: dict[State, tuple[State, ...]] = {
 # ARGV: to, allowed-from (comma list), expected attempt ('' = any), now, history entry,
 #       waiting score ('' = leave the waiting set, 'keep' = as it is), attempt increment,
 #       batch key prefix, then field/value pairs.
-# Returns {applied (0/1), the state after the call}.
+# Returns {applied (0/1), the state after the call}, plus the batch's state when a job
+# leaving an end was refused because its batch has ended.
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0, ''} end
@@ -65,6 +66,21 @@ end
 if not allowed then return {0, state} end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then
   return {0, state}
+end
+-- Leaving an end (an operator's retry): the job's batch takes that end back in this same
+-- step. A batch that has ended (every item ended: finalized or about to be) or was
+-- cancelled is never reopened: refused, with the batch's state as the third value.
+local reopens = (state == 'done' or state == 'failed')
+  and ARGV[1] ~= 'done' and ARGV[1] ~= 'failed'
+local job_batch = redis.call('HGET', KEYS[1], 'batch_id')
+local jbk = nil
+if job_batch and job_batch ~= '' then jbk = ARGV[8] .. job_batch end
+if reopens and jbk then
+  local b = redis.call('HMGET', jbk, 'state', 'finished_at', 'total', 'done', 'failed', 'linked')
+  local ended = tonumber(b[4] or '0') + tonumber(b[5] or '0') + tonumber(b[6] or '0')
+  if b[1] ~= 'running' or (b[2] and b[2] ~= '') or ended >= tonumber(b[3] or '0') then
+    return {0, state, b[1] or 'deleted'}
+  end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[4])
 for i = 9, #ARGV, 2 do
@@ -101,6 +117,10 @@ if ARGV[1] == 'done' or ARGV[1] == 'failed' then
 elseif ARGV[1] == 'queued' then
   redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'deadline'), KEYS[1])
   redis.call('ZREM', KEYS[7], KEYS[1])
+end
+if reopens and jbk then
+  redis.call('HINCRBY', jbk, state, -1)
+  redis.call('HINCRBY', jbk, 'in_flight', 1)
 end
 return {1, ARGV[1]}
 """
@@ -425,6 +445,10 @@ class JobStore:
 
         Returns (applied, state after). Not applied means a no-op: the job was already
         past that point, or the call was for an older attempt.
+
+        Leaving an end (``failed`` → ``queued``) takes the end back from the job's batch
+        counts in the same step; raises BatchEnded (and changes nothing) if that batch has
+        ended or was cancelled: a finished batch is never reopened.
         """
         now = time.time() if now is None else now
         sources = ALLOWED_FROM[to] if allowed_from is None else tuple(allowed_from)
@@ -449,7 +473,9 @@ class JobStore:
             self.deadlines_key,
             self.finished_key,
         ]
-        applied, state = self._transition(keys=keys, args=args)
+        applied, state, *refused = self._transition(keys=keys, args=args)
+        if refused:
+            raise BatchEnded(job_id, _text(refused[0]))
         if applied and to in FINAL:
             metrics.job_ended(to.value)
             if to == State.FAILED:
@@ -459,7 +485,7 @@ class JobStore:
                 pipe.lpush(self.failures_key, job_id)
                 pipe.ltrim(self.failures_key, 0, RECENT_FAILURES - 1)
                 pipe.execute()
-        state_text = state.decode() if isinstance(state, bytes) else str(state)
+        state_text = _text(state)
         return bool(applied), State(state_text) if state_text else None
 
     def update(self, job_id: str, fields: Mapping[str, object]) -> None:
@@ -487,6 +513,10 @@ class JobStore:
         """Ids of the jobs that failed last, newest first (at most RECENT_FAILURES kept)."""
         raw = self._client.lrange(self.failures_key, 0, limit - 1)
         return [v.decode() for v in raw]  # type: ignore[union-attr]
+
+    def forget_failure(self, job_id: str) -> None:
+        """A failed job was restarted: no longer one of the recent failures."""
+        self._client.lrem(self.failures_key, 0, job_id)
 
     def counts(self) -> dict[str, int]:
         raw = self._client.hgetall(self.counts_key)
@@ -551,6 +581,10 @@ class JobStore:
             return None
         created = self._client.hget(first[0].decode(), "created_at")
         return float(created) if created else None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _history(state: State, now: float, note: str) -> str:
