@@ -174,7 +174,7 @@ def format_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> s
     """A fixed-width text table of ``rows`` (one dict each)."""
     if not rows:
         return "(no rows)"
-    names = list(columns or rows[0].keys())
+    names = list(columns or dict.fromkeys(name for row in rows for name in row))
     cells = [[_cell(row.get(name, "")) for name in names] for row in rows]
     widths = [max(len(name), *(len(c[i]) for c in cells)) for i, name in enumerate(names)]
     lines = ["  ".join(name.rjust(w) for name, w in zip(names, widths, strict=True))]
@@ -185,7 +185,7 @@ def format_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> s
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(no rows)"
-    names = list(columns or rows[0].keys())
+    names = list(columns or dict.fromkeys(name for row in rows for name in row))
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     lines += ["| " + " | ".join(_cell(row.get(n, "")) for n in names) + " |" for row in rows]
     return "\n".join(lines)

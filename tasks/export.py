@@ -63,8 +63,10 @@ def export_profile(
     reference: str | None = None,
     batch_id: str | None = None,
     account: str | None = None,
+    urgent: bool = False,
 ) -> dict[str, Any]:
-    """Create the job, ask APSIS for the export, park the caller's chain, and end."""
+    """Create the job, put its request in the account's dispatch line, park the caller's
+    chain, and end. ``urgent``: ahead of every other waiting request of the account."""
     rt = get_runtime()
     job_id = job_id or pipeline.job_id_from_task_id(self.request.id)
     chain = _detach_caller_chain(self)
@@ -83,29 +85,27 @@ def export_profile(
             batch_id=batch_id,
             account=account,
             chain=chain,
+            urgent=urgent,
         )
     except InputError as exc:
         # A caller's bad input: nothing to retry; the error names no personal data.
         return {"job_id": job_id, "state": "rejected", "error": str(exc)}
-    _request(self, job_id)
+    pipeline.place_in_line(rt, job_id)
     return {"job_id": job_id, "state": rt.jobs.get(job_id).state.value}
 
 
-@shared_task(name="apsis.request_export", bind=True)
+@shared_task(name="apsis.request_export")
 @requeue_when_redis_is_down
-def request_export(self: Task[Any, Any], job_id: str) -> None:
-    """(Re-)send a queued job's export request to APSIS."""
-    _request(self, job_id)
+def request_export(job_id: str) -> None:
+    """Put a queued job's (re-)request in its account's dispatch line; the feeders send it
+    at a reserved slot. Nothing here waits for the limiter or retries."""
+    pipeline.place_in_line(get_runtime(), job_id)
 
 
-def _request(task: Task[Any, Any], job_id: str) -> None:
-    try:
-        pipeline.request(get_runtime(), job_id)
-    except pipeline.RetryLater as later:
-        raise task.retry(countdown=later.delay, max_retries=None) from None
-
-
-@shared_task(name="apsis.fetch_export", bind=True)
+# max_retries=None on the task: retries are bounded by the job's own budget (the pipeline
+# counts them on the job record and fails the job when it is spent), never by Celery's
+# default of 3 (None passed to retry() itself would mean that default).
+@shared_task(name="apsis.fetch_export", bind=True, max_retries=None)
 @requeue_when_redis_is_down
 def fetch_export(self: Task[Any, Any], job_id: str) -> None:
     """Download, split and store a ready job; then resume the caller's chain."""
@@ -113,7 +113,7 @@ def fetch_export(self: Task[Any, Any], job_id: str) -> None:
     try:
         pipeline.fetch_and_store(rt, job_id, send_task)
     except pipeline.RetryLater as later:
-        raise self.retry(countdown=later.delay, max_retries=None) from None
+        raise self.retry(countdown=later.delay) from None
     pipeline.resume_caller_chain(rt, job_id, send_chain)
 
 
@@ -161,8 +161,13 @@ def export_batch(
     return {"batch_id": batch_id, "state": "running"}
 
 
-@shared_task(name="apsis.finalize_batch")
+# max_retries=None on the task: finalize_or_retry bounds the retries by
+# BATCH_FINALIZE_RETRIES (then the sweep takes over), never Celery's default of 3.
+@shared_task(name="apsis.finalize_batch", bind=True, max_retries=None)
 @requeue_when_redis_is_down
-def finalize_batch(batch_id: str) -> None:
-    """Write the batch's summary and manifest once its last job has ended."""
-    batches.finalize(get_runtime(), batch_id, send_chain)
+def finalize_batch(self: Task[Any, Any], batch_id: str) -> None:
+    """Write the batch's summary and manifest once its last job has ended; then its chain."""
+    try:
+        batches.finalize_or_retry(get_runtime(), batch_id, send_chain, retries=self.request.retries)
+    except pipeline.RetryLater as later:
+        raise self.retry(countdown=later.delay) from None

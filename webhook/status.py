@@ -21,6 +21,7 @@ from webhook.resources import resources
 from worker.model.batch_store import BatchStore
 from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
+from worker.model.line import LANES, DispatchLine
 from worker.ops.gauges import DUE_SOON_SECONDS
 from worker.telemetry import metrics
 
@@ -129,6 +130,17 @@ def gather(client: Any, now: float) -> dict[str, Any]:
             }
         )
 
+    line = DispatchLine(client)
+    lines = []
+    for account in line.accounts():
+        for lane, waiting in line.lengths(account).items():
+            since = line.oldest_since(account, lane) if lane in LANES else None
+            if waiting:
+                oldest_in_lane = _ago(now - since) if since else ""
+                lines.append(
+                    {"account": account, "lane": lane, "waiting": waiting, "oldest": oldest_in_lane}
+                )
+
     inbox = Inbox(client)
     oldest = jobs.oldest_waiting()
     return {
@@ -137,6 +149,7 @@ def gather(client: Any, now: float) -> dict[str, Any]:
         "batches": batches,
         "failures": failures,
         "deadlines": deadlines,
+        "lines": lines,
         "backlog": inbox.backlog(),
         "consumers": inbox.live_consumer_count(now),
         "oldest_waiting": _ago(now - oldest) if oldest is not None else "none waiting",

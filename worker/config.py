@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from worker.errors import ConfigError
@@ -28,6 +35,11 @@ MIN_DISTINCT_CHARS = 10
 #: found anywhere in the value once lower-cased and stripped of everything but a-z and 0-9.
 #: Each is at least 7 letters, so a random secret contains one by chance with odds < 1e-8.
 PLACEHOLDER_MARKS = ("replaceme", "changeme", "placeholder", "example", "yoursecret")
+#: The broker's visibility timeout must be at least this many times DOWNLOAD_TIMEOUT: a fetch
+#: task downloads for up to DOWNLOAD_TIMEOUT, then splits and uploads the same bytes (half
+#: as long again), and Redis redelivers an unacknowledged task once it is older than the
+#: visibility timeout, to a second worker while the first is still running it.
+VISIBILITY_OVER_DOWNLOAD = 1.5
 #: Whole values (compared the same way) that are placeholders, not credentials.
 PLACEHOLDER_VALUES = frozenset({"todo", "tbd", "none", "null", "changeit"})
 #: How to make a good secret, for the error message.
@@ -205,8 +217,9 @@ class Settings(BaseSettings):
     RETENTION_DAYS: float = Field(30.0, ge=0)
 
     # Celery
-    #: Seconds before the Redis broker redelivers an unacknowledged task.
-    CELERY_VISIBILITY_TIMEOUT: int = Field(3600, gt=0)
+    #: Seconds before the Redis broker redelivers an unacknowledged task, running or not;
+    #: at least 1.5 x DOWNLOAD_TIMEOUT (default 3 hours), so no fetch outlives it.
+    CELERY_VISIBILITY_TIMEOUT: int = Field(3 * 3600, gt=0)
     #: Seconds the inbox leaves an entry with a consumer before another reclaims it.
     INBOX_RECLAIM_AFTER: float = Field(60.0, gt=0)
 
@@ -215,6 +228,13 @@ class Settings(BaseSettings):
     WATCHDOG_INTERVAL: float = Field(30.0, gt=0)
     #: Seconds a queued or ready job may sit unchanged before the sweep dispatches it again.
     WATCHDOG_STUCK_AFTER: float = Field(300.0, gt=0)
+    #: Times a batch's finalize that failed (a storage error, say) is retried, with an
+    #: exponential backoff (2 s doubling, at most 300 s); after that the sweep dispatches it
+    #: again every WATCHDOG_STUCK_AFTER until it succeeds.
+    BATCH_FINALIZE_RETRIES: int = Field(8, ge=0)
+    #: Seconds a fetch may go without progress (a byte downloaded or uploaded, a step
+    #: finished) before its lease is no longer renewed, so the job is dispatched again.
+    STEP_STALL_AFTER: float = Field(300.0, gt=0)
 
     # Logging
     LOG_LEVEL: str = "INFO"
@@ -235,6 +255,18 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL with a host")
         return value.rstrip("/")
+
+    @field_validator("CELERY_VISIBILITY_TIMEOUT")
+    @classmethod
+    def _outlives_a_fetch(cls, value: int, info: ValidationInfo) -> int:
+        download = info.data.get("DOWNLOAD_TIMEOUT")
+        if download is not None and value < VISIBILITY_OVER_DOWNLOAD * download:
+            raise ValueError(
+                f"must be at least {VISIBILITY_OVER_DOWNLOAD} x DOWNLOAD_TIMEOUT"
+                f" ({VISIBILITY_OVER_DOWNLOAD * download:g} s): Redis would hand a fetch still"
+                " running to a second worker"
+            )
+        return value
 
     @field_validator("REDIS_URL")
     @classmethod

@@ -18,7 +18,7 @@ import redis
 from worker.config import Settings, load_settings
 from worker.deliverable.storage import Storage
 from worker.errors import BatchFileError, ExportError, InputError, JobNotFound, StorageError
-from worker.flow import batches, pipeline
+from worker.flow import batches, feeder, pipeline
 from worker.flow.batch_file import read_batch_file
 from worker.flow.runtime import Runtime, build_runtime
 from worker.model import batch_store, ids
@@ -49,6 +49,7 @@ def _job_json(rt: Runtime, job: Job) -> dict[str, Any]:
         "profiles": job.profiles,
         "bytes": job.source_bytes,
         "error": job.error,
+        "line": feeder.place_of(rt, job),
         "history": rt.jobs.history(job.job_id),
     }
 
@@ -70,8 +71,6 @@ def _content_options(args: argparse.Namespace) -> dict[str, bool]:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.queue.app import app
-
     export_key = ids.validate_export_key(args.export_key)
     job_id = ids.validate_new_job_id(args.job_id) if args.job_id else new_job_id()
     # The job's purpose digest is keyed by the secret the workers use.
@@ -86,8 +85,10 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         options=ExportOptions(**_content_options(args)),
         job_id=job_id,
         reference=args.reference,
+        urgent=args.urgent,
     )
-    app.send_task(pipeline.REQUEST_TASK, args=[job_id])
+    # In the account's dispatch line: a feeder sends it at a reserved slot.
+    pipeline.place_in_line(rt, job_id)
     if not args.wait:
         if args.json:
             print(json.dumps({"job_id": job_id, "state": "submitted", "manifest": None}))
@@ -133,6 +134,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if job.reference:
         print(f"reference {for_terminal(job.reference)}")
     print(f"attempt   {job.attempt} (retries {job.retries})")
+    if data["line"]:
+        place = data["line"]
+        eta = place["eta_seconds"]
+        when = f"request in about {eta:.0f} s" if eta is not None else "account not configured"
+        print(f"in line   {place['lane']} lane, {place['ahead']} ahead, {when}")
     if job.manifest:
         print(f"manifest  {for_terminal(job.manifest)}")
         print(f"profiles  {job.profiles}  bytes {job.source_bytes}")
@@ -220,8 +226,15 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
         account=args.account,
         max_in_flight=args.max_in_flight,
     )
+    accepted = {
+        "batch_id": batch_id,
+        "state": rt.batches.get(batch_id).state,
+        "accepted": len(parsed.items),
+        "skipped": len(parsed.bad_lines),
+        "duplicates": parsed.duplicates,
+    }
     if not args.wait:
-        print(batch_id)
+        print(json.dumps(accepted) if args.json else batch_id)
         return 0
     sys.stderr.write(f"batch {batch_id}: {len(parsed.items)} export keys\n")
     deadline = time.monotonic() + args.timeout
@@ -230,18 +243,21 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     while True:
         batch = rt.batches.get(batch_id) if rt.batches.exists(batch_id) else None
         now = time.time()
-        if batch is not None and (tty or now - last >= 5 or batch.is_final):
+        if batch is not None and not args.json and (tty or now - last >= 5 or batch.is_final):
             line = _progress_line(batch, now)
             sys.stderr.write(("\r" + line) if tty else (line + "\n"))
             sys.stderr.flush()
             last = now
         if batch is not None and batch.is_final:
-            if tty:
+            if tty and not args.json:
                 sys.stderr.write("\n")
-            print(
-                f"{batch_id} {batch.state} done {batch.done} failed {batch.failed} "
-                f"{for_terminal(batch.manifest)}"
-            )
+            if args.json:
+                print(json.dumps({**accepted, **_batch_json(batch)}))
+            else:
+                print(
+                    f"{batch_id} {batch.state} done {batch.done} failed {batch.failed} "
+                    f"{for_terminal(batch.manifest)}"
+                )
             return 0 if batch.failed == 0 and batch.state == "done" else 1
         if time.monotonic() > deadline:
             raise ExportError(f"batch {batch_id} not finished after {args.timeout:.0f} s")
@@ -382,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the job ends")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--urgent", action="store_true", help="ahead of every other waiting request")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("batch", help="export every key in a file (one a line, or CSV)")
@@ -394,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid lines")
     p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     p.add_argument("--timeout", type=float, default=7 * 86400.0, help="seconds --wait waits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("cancel", help="stop a batch's new requests")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from worker.deliverable import manifest, report
 from worker.deliverable.export_file import SplitResult, split_export
@@ -54,6 +54,7 @@ BACKOFF_CAP = 300.0
 #: Task names, as strings: worker/ never imports tasks/.
 FETCH_TASK = "apsis.fetch_export"
 REQUEST_TASK = "apsis.request_export"
+RECORD_FAILURE_TASK = "apsis.record_failure"
 
 Dispatch = Callable[[str, list[Any]], None]
 
@@ -93,8 +94,12 @@ def submit(
     batch_id: str | None = None,
     account: str | None = None,
     chain: dict[str, Any] | None = None,
+    urgent: bool = False,
 ) -> bool:
     """Create the job record (idempotent on ``job_id``); True if it is new.
+
+    ``urgent``: its request goes ahead of every other waiting one of its account (the
+    dispatch line's urgent lane); it does not change what the job is for.
 
     Raises JobIdConflict if ``job_id`` exists for another export key, options, account or
     batch."""
@@ -120,8 +125,30 @@ def submit(
         # info: the caller is told (exit 2, a rejected task); stderr stays one line
         log.info("job id refused: it exists for another export", extra=extra)
         raise
+    if created and urgent:
+        rt.jobs.update(job_id, {"urgent": "1"})
     log.info("job created" if created else "job exists already", extra=extra)
     return created
+
+
+def lane_of(job: Job) -> str:
+    """The dispatch line's lane for a job's request (its first, or a re-request)."""
+    if job.extra.get("urgent") == "1":
+        return "urgent"
+    return "batch" if job.batch_id else "single"
+
+
+def place_in_line(rt: Runtime, job_id: str) -> bool:
+    """Put a queued job's request in its account's dispatch line (no-op if it is in line
+    already, or not queued). The dispatchers send it at a reserved slot; nothing polls."""
+    job = rt.jobs.find(job_id)
+    if job is None or job.state != State.QUEUED:
+        return False
+    account = job.account or rt.settings.APSIS_ACCOUNT
+    placed = rt.line.enqueue(account, job_id, lane_of(job))
+    if placed:
+        log.info("request in line", extra={"job_id": job_id, "state": lane_of(job)})
+    return placed
 
 
 def callback_url(rt: Runtime, job: Job) -> str:
@@ -267,7 +294,11 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
     # may name the profile (the sandbox's does): the job record keeps it, logs never do.
     logged = f"APSIS reported failure code {callback.code}"
     reason = f"{logged}: {callback.message[:200]}"
-    if job.attempt < MAX_ATTEMPTS and job.state in (State.QUEUED, State.REQUESTED, State.VERIFIED):
+    if attempts_used(job) < MAX_ATTEMPTS and job.state in (
+        State.QUEUED,
+        State.REQUESTED,
+        State.VERIFIED,
+    ):
         if rerequest(rt, job, reason, dispatch, logged_reason=logged):
             return "rerequested"
         return "duplicate"
@@ -321,6 +352,9 @@ def rerequest(
         job.job_id,
         State.QUEUED,
         attempt=job.attempt,
+        # From queued too: a failure callback may beat the request task's "requested".
+        # Never from an end: only an operator's retry (restart) revives a failed job.
+        allowed_from=(State.QUEUED, State.REQUESTED, State.VERIFIED, State.READY),
         new_attempt=True,
         note=f"re-requesting: {reason}",
         fields={"download_url": "", "ready_entry": ""},
@@ -335,17 +369,40 @@ def rerequest(
     return applied
 
 
+def attempts_used(job: Job) -> int:
+    """Export requests spent since the job was created or an operator last restarted it."""
+    return job.attempt - int(job.extra.get("attempt_base", "0") or 0)
+
+
 def restart(rt: Runtime, job: Job, dispatch: Dispatch) -> bool:
-    """Start a failed job again as a new attempt with a fresh retry budget."""
+    """Start a failed job again as a new attempt, as if it were new: a fresh deadline
+    (EXPORT_DEADLINE from now), retry, fetch and attempt budgets. Its batch takes the failure
+    back in the same step. Raises BatchEnded if its batch has ended or was cancelled.
+
+    The attempt number keeps counting up (old callbacks and tokens stay stale); the attempt
+    budget counts from here (``attempt_base``)."""
+    now = time.time()
     applied, _ = rt.jobs.transition(
         job.job_id,
         State.QUEUED,
+        attempt=job.attempt,
         allowed_from=(State.FAILED,),
         new_attempt=True,
         note="retry requested",
-        fields={"error": "", "retries": 0, "fetches": 0, "download_url": "", "ready_entry": ""},
+        now=now,
+        fields={
+            "error": "",
+            "retries": 0,
+            "fetches": 0,
+            "retry_at": "",
+            "download_url": "",
+            "ready_entry": "",
+            "deadline": now + rt.settings.EXPORT_DEADLINE,
+            "attempt_base": job.attempt,
+        },
     )
     if applied:
+        rt.jobs.forget_failure(job.job_id)
         log.info("failed job restarted", extra={"job_id": job.job_id})
         dispatch(REQUEST_TASK, [job.job_id])
     return applied
@@ -393,19 +450,46 @@ def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | No
         metrics.resume_started(float(received_at), started_at)  # the first fetch only
     # When the fetch began, beside ready_received_at: callback-to-fetch latency (bench/).
     rt.jobs.update(job_id, {"fetch_started_at": repr(started_at)})
+    # The lease is renewed only while the step makes progress: a step hung for good (a
+    # storage call that never returns) lets go of the job, and the sweep dispatches it again.
+    lease = JobLease(rt.redis, job_id, stall_after=rt.settings.STEP_STALL_AFTER)
     try:
-        with JobLease(rt.redis, job_id), tempfile.TemporaryDirectory(prefix="apsis-") as tmp:
+        with lease, tempfile.TemporaryDirectory(prefix="apsis-") as tmp:
             # Read again under the lease: another copy may have finished it meanwhile.
             job = rt.jobs.get(job_id)
             if job.state != State.READY or not job.download_url:
                 return _result(job) if job.state == State.DONE else None
-            return _fetch_and_store(rt, job, Path(tmp), dispatch)
+            return _fetch_and_store(rt, job, Path(tmp), dispatch, lease.progress)
     except LeaseBusy as busy:
         raise RetryLater(busy.retry_after + 1, str(busy)) from None
 
 
-def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Result | None:
+class _ReportingWriter:
+    """A file that calls ``progress()`` on every write (the download's chunks)."""
+
+    def __init__(self, out: BinaryIO, progress: Callable[[], None]) -> None:
+        self._out = out
+        self._progress = progress
+
+    def write(self, data: bytes) -> int:
+        self._progress()
+        return self._out.write(data)
+
+
+def _fetch_and_store(
+    rt: Runtime,
+    job: Job,
+    tmp: Path,
+    dispatch: Dispatch,
+    progress: Callable[[], None] = lambda: None,
+) -> Result | None:
+    """``progress()`` is called as the step moves on: each chunk downloaded or uploaded,
+    each part done (the job's lease is renewed only while it is)."""
     job_id = job.job_id
+
+    def uploaded(_: int) -> None:
+        progress()
+
     ctx = {"job_id": job_id, "attempt": job.attempt, "batch_id": job.batch_id}
     s = rt.settings
     source = tmp / "export.json"
@@ -416,11 +500,13 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
         with source.open("wb") as out:
             got = rt.apsis_for(job.account).download(
                 job.download_url or "",
-                out,
+                cast(BinaryIO, _ReportingWriter(out, progress)),
                 max_bytes=s.DOWNLOAD_MAX_BYTES,
                 timeout=s.DOWNLOAD_TIMEOUT,
             )
+        progress()
         split = split_export(source, tmp / "split", requested_key=job.export_key)
+        progress()
     except DownloadRefused as exc:
         log.error(
             "security: download URL refused; bearer token not sent",
@@ -440,11 +526,15 @@ def _fetch_and_store(rt: Runtime, job: Job, tmp: Path, dispatch: Dispatch) -> Re
         _bad_download(rt, job, str(exc), gone=_is_gone(exc), dispatch=dispatch)
         return None
     try:
-        rt.storage.put_file(manifest.export_object(job_id), source)
+        rt.storage.put_file(manifest.export_object(job_id), source, progress=uploaded)
         for profile in split.profiles:
-            rt.storage.put_file(manifest.profile_object(job_id, profile.index), profile.path)
+            rt.storage.put_file(
+                manifest.profile_object(job_id, profile.index), profile.path, progress=uploaded
+            )
+            progress()
         # The readable report, streamed from the profile documents; listed in the manifest.
         reports = report.store_report(rt.storage, job, split, tmp / "report")
+        progress()
         links = _merged_links(rt, job, split)
         finished = time.time()
         done = {"state": State.DONE.value, "at": round(finished, 3), "note": "stored"}
@@ -507,7 +597,7 @@ def _bad_download(rt: Runtime, job: Job, reason: str, *, gone: bool, dispatch: D
     if fetches < MAX_FETCHES_PER_ATTEMPT and not gone:
         _retry_or_fail(rt, job, f"bad download: {reason}")
         return
-    if job.attempt < MAX_ATTEMPTS:
+    if attempts_used(job) < MAX_ATTEMPTS:
         rt.jobs.update(job.job_id, {"fetches": 0})
         rerequest(rt, job, f"download failed: {reason}", dispatch)
         return
@@ -555,10 +645,26 @@ def fail(
         job = rt.jobs.get(job_id)
         extra = {"job_id": job_id, "batch_id": job.batch_id, "state": "failed"}
         log.error("job failed", extra={**extra, "reason": logged_reason or reason})
-        write_failure_manifest(rt, job, reason)
-        announce(rt, job)
-        _after_end(rt, job.batch_id, None)
+        if rt.storage.usable_here:
+            record_failure(rt, job_id)
+        elif rt.dispatch is not None:
+            # A worker's main process (the inbox consumer, the sweep, the feeder) does no
+            # storage I/O: a pool process writes the failure manifest (storage.py says why).
+            rt.dispatch(RECORD_FAILURE_TASK, [job_id])
+        else:
+            log.error("failure manifest not written: no pool to hand it to", extra=extra)
     return applied
+
+
+def record_failure(rt: Runtime, job_id: str) -> None:
+    """A failed job's failure manifest, its event, then its batch's bookkeeping (in that
+    order); nothing if it is no longer failed (restarted, or deleted). Idempotent."""
+    job = rt.jobs.find(job_id)
+    if job is None or job.state != State.FAILED:
+        return
+    write_failure_manifest(rt, job, job.error or "failed")
+    announce(rt, job)
+    _after_end(rt, job.batch_id, None)
 
 
 def _after_end(rt: Runtime, batch_id: str | None, dispatch: Dispatch | None) -> None:

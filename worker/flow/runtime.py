@@ -22,6 +22,7 @@ from worker.model import purpose
 from worker.model.batch_store import BatchStore
 from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
+from worker.model.line import DispatchLine
 from worker.telemetry.logs import key_ref
 
 #: Seconds a Redis command may take before the call fails (and the task retries).
@@ -66,6 +67,7 @@ class Runtime:
     limiter: RateLimiter
     storage: Storage
     batches: BatchStore
+    line: DispatchLine
     #: Sends one of our tasks by name (set in worker processes; unit tests pass their own).
     dispatch: Callable[[str, list[Any]], None] | None = None
     _clients: dict[str, ApsisClient] = field(default_factory=dict, repr=False)
@@ -119,6 +121,7 @@ def runtime_on(settings: Settings, client: redis.Redis, storage: Storage) -> Run
         limiter=RateLimiter(client),
         storage=storage,
         batches=BatchStore(client, jobs),
+        line=DispatchLine(client),
     )
 
 

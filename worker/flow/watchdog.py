@@ -31,6 +31,8 @@ class SweepReport:
     failed: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
     chains_resumed: list[str] = field(default_factory=list)
+    #: Batches whose finalize (or chain) was lost or gave up: their finalize dispatched again.
+    batches_finalized: list[str] = field(default_factory=list)
     #: Jobs and batches deleted under RETENTION_DAYS.
     deleted: list[str] = field(default_factory=list)
     #: Task messages a lost broker connection left in flight, put back on the queue.
@@ -79,7 +81,7 @@ def sweep(
         if job is None or job.state not in (State.REQUESTED, State.VERIFIED):
             continue
         reason = f"no ready callback within {s.APSIS_CALLBACK_TIMEOUT} s"
-        if job.attempt < pipeline.MAX_ATTEMPTS:
+        if pipeline.attempts_used(job) < pipeline.MAX_ATTEMPTS:
             if pipeline.rerequest(rt, job, reason, dispatch):
                 report.rerequested.append(job_id)
         elif pipeline.fail(rt, job_id, f"{reason} after {job.attempt} attempts"):
@@ -93,6 +95,11 @@ def sweep(
             continue  # a retry is scheduled; not stuck
         if JobLease(rt.redis, job_id).held_elsewhere():
             continue  # a live worker is on it
+        if job.state == State.QUEUED and rt.line.place(
+            job.account or rt.settings.APSIS_ACCOUNT, job_id
+        ):
+            rt.jobs.touch(job_id, now)
+            continue  # waiting in its account's dispatch line: not stuck
         if job.state == State.QUEUED:
             dispatch(pipeline.REQUEST_TASK, [job_id])
             report.redispatched.append(job_id)
@@ -106,7 +113,11 @@ def sweep(
             rt.jobs.touch(job_id, now)
 
     _sweep_batches(rt, dispatch, now, report)
-    report.deleted = retention.sweep(rt, now=now)
+    if rt.storage.usable_here:
+        report.deleted = retention.sweep(rt, now=now)
+    elif retention.due(rt, now=now):
+        # A worker's main process does no storage I/O: a pool process deletes.
+        dispatch(retention.RETENTION_TASK, [])
     if recover_messages is not None:
         report.requeued_messages = recover_messages()
 
@@ -115,6 +126,7 @@ def sweep(
         or report.failed
         or report.redispatched
         or report.chains_resumed
+        or report.batches_finalized
         or report.requeued_messages
     ):
         log.warning(
@@ -125,6 +137,7 @@ def sweep(
                     f"rerequested={len(report.rerequested)} failed={len(report.failed)} "
                     f"redispatched={len(report.redispatched)} "
                     f"chains={len(report.chains_resumed)} "
+                    f"batches_finalized={len(report.batches_finalized)} "
                     f"requeued_messages={report.requeued_messages}"
                 ),
             },
@@ -135,15 +148,21 @@ def sweep(
 def _sweep_batches(
     rt: Runtime, dispatch: pipeline.Dispatch, now: float, report: SweepReport
 ) -> None:
-    """Batches whose finalize was lost are finalized (feeder threads pick up the rest)."""
-    for batch_id in rt.batches.stale_ids(now - rt.settings.WATCHDOG_STUCK_AFTER):
+    """Batches whose finalize was lost (or gave up) are finalized (feeder threads pick up the
+    rest). A batch complete for the first time here gets WATCHDOG_STUCK_AFTER for its own
+    finalize (dispatched when its last job ended) before the sweep steps in; while it is not
+    complete, the sweep only notes that it looked."""
+    stuck_after = rt.settings.WATCHDOG_STUCK_AFTER
+    for batch_id in rt.batches.stale_ids(now - stuck_after):
         if not rt.batches.exists(batch_id):
             rt.batches.forget_running(batch_id)
             continue
         batch = rt.batches.get(batch_id)
-        if batch.is_final:
+        if batch.is_final and not batch.needs_finalize:
             rt.batches.forget_running(batch_id)
-        elif batch.complete:
+            continue
+        if batch.needs_finalize and rt.batches.complete_since(batch_id, now) <= now - stuck_after:
+            rt.batches.mark_rescued(batch_id, now)
             dispatch(FINALIZE_TASK, [batch_id])
-            report.redispatched.append(batch_id)
+            report.batches_finalized.append(batch_id)
         rt.batches.seen_running(batch_id, now)

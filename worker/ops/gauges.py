@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from worker.model.batch_store import BatchStore
 from worker.model.inbox import HEARTBEAT_FRESH_SECONDS, Inbox
 from worker.model.jobs import JobStore
+from worker.model.line import LANES, DispatchLine
 from worker.telemetry.metrics import JOB_STATES, PREFIX, counters_registry
 
 log = logging.getLogger("apsis.metrics")
@@ -107,6 +108,28 @@ class PoolCollector(Collector):
         yield consumers
 
         yield from self._batch_gauges(BatchStore(self._client, jobs))
+        yield from self._line_gauges(DispatchLine(self._client), now)
+
+    def _line_gauges(self, line: DispatchLine, now: float) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily(
+            PREFIX + "line_requests",
+            "Export requests waiting in an account's dispatch line, by lane ('later': "
+            "waiting for a retry APSIS asked for).",
+            labels=["account", "lane"],
+        )
+        oldest = GaugeMetricFamily(
+            PREFIX + "line_oldest_seconds",
+            "Age of the request that has waited longest in a lane (0: the lane is empty).",
+            labels=["account", "lane"],
+        )
+        for account in line.accounts():
+            for lane, count in line.lengths(account).items():
+                waiting.add_metric([account, lane], count)
+            for lane in LANES:
+                since = line.oldest_since(account, lane)
+                oldest.add_metric([account, lane], max(now - since, 0.0) if since else 0.0)
+        yield waiting
+        yield oldest
 
     def _batch_gauges(self, store: BatchStore) -> Iterator[Metric]:
         by_batch_state: dict[str, int] = {}

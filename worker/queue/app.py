@@ -15,7 +15,7 @@ from worker.queue.inflight import celery_queue
 from worker.telemetry.logs import configure_logging
 
 #: Task modules, named as strings: worker/ never imports tasks/.
-TASK_MODULES = ["tasks.export"]
+TASK_MODULES = ["tasks.export", "tasks.maintenance"]
 #: More task modules to load, comma-separated (e.g. ``bench.tasks`` for the benchmarks).
 EXTRA_INCLUDE_ENV = "CELERY_EXTRA_INCLUDE"
 
@@ -114,6 +114,14 @@ def _sweep(rt: Any, try_sweep: Any) -> None:
     try_sweep(rt, send_task, send_chain, recover_messages=recover_messages)
 
 
+def _forks_its_pool(parent: Any) -> bool:
+    """Whether this worker runs its tasks in forked children (prefork, the default), not in
+    this process (solo, threads)."""
+    from celery.concurrency.prefork import TaskPool
+
+    return isinstance(getattr(parent, "pool", None), TaskPool)
+
+
 class InboxStep(bootsteps.StartStopStep):
     """Runs the inbox consumer (and the periodic sweep) in the worker's main process."""
 
@@ -125,6 +133,14 @@ class InboxStep(bootsteps.StartStopStep):
         self.feeder: Any = None
 
     def start(self, parent: Any) -> None:
+        if _forks_its_pool(parent):
+            # Pool children are forked from this process at any time (a crash, an OOM kill,
+            # max_tasks_per_child): it must never start obstore's runtime, or every child
+            # forked afterwards hangs on its first upload. The steps below hand storage
+            # work to the pool as tasks; the guard makes any slip an error, not a hang.
+            from worker.deliverable.storage import forbid_io_in_this_process
+
+            forbid_io_in_this_process()
         if os.environ.get("APSIS_INBOX_CONSUMER", "1") == "0":
             return
         from worker.flow.consumer import InboxConsumer
@@ -137,9 +153,9 @@ class InboxStep(bootsteps.StartStopStep):
             on_tick=lambda rt: _sweep(rt, try_sweep),
         )
         self.consumer.start()
-        from worker.flow.feeder import BatchFeeder
+        from worker.flow.feeder import Feeder
 
-        self.feeder = BatchFeeder(get_runtime, send_task_later)
+        self.feeder = Feeder(get_runtime, send_task_later)
         self.feeder.start()
 
     def stop(self, parent: Any) -> None:

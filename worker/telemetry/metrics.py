@@ -132,6 +132,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.batches_rescued = Counter(
+            PREFIX + "batches_finalized_by_safety_net",
+            "Batches the watchdog's sweep finalized (or whose chain it resumed) after their "
+            "own finalize was lost or gave up.",
+            registry=r,
+        )
 
 
 @functools.cache
@@ -247,6 +253,10 @@ def job_ended(state: str) -> None:
 
 def batch_ended(state: str) -> None:
     metrics().batches_ended.labels(state).inc()
+
+
+def batch_rescued() -> None:
+    metrics().batches_rescued.inc()
 
 
 # -- the counters and histograms of every process -----------------------------------------

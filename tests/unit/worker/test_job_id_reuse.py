@@ -135,7 +135,7 @@ def test_the_feeder_fails_an_item_whose_job_id_is_taken_once_and_finishes() -> N
         later.append((name, args, delay))
 
     for _ in range(3):  # fed again and again: the item is counted once, never retried
-        assert feeder.feed(rt, "X", dispatch_later) is None
+        assert feeder.serve(rt, rt.settings.APSIS_ACCOUNT, dispatch_later) is None
     batch = rt.batches.get("X")
     assert (batch.submitted, batch.failed, batch.in_flight) == (3, 1, 2)
     assert apsis.requested == ["anna@example.com", "cora@example.com"]  # no request for 1
@@ -183,9 +183,10 @@ def test_export_with_a_job_id_in_use_for_another_key_exits_2_and_queues_nothing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cli_runtime: Runtime
 ) -> None:
     sent = _sent(monkeypatch)
+    account = cli_runtime.settings.APSIS_ACCOUNT
     assert cli.main(["export", "dave@example.com", "--job-id", "ticket-7"]) == 0
     assert capsys.readouterr().out == "ticket-7\n"
-    assert sent == [(pipeline.REQUEST_TASK, {"args": ["ticket-7"]})]
+    assert cli_runtime.line.place(account, "ticket-7") is not None  # in the dispatch line
     # The same request again: the same job, exit 0.
     assert cli.main(["export", "dave@example.com", "--job-id", "ticket-7"]) == 0
     capsys.readouterr()
@@ -197,7 +198,8 @@ def test_export_with_a_job_id_in_use_for_another_key_exits_2_and_queues_nothing(
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("apsis-export: job id ticket-7 is already used for a different export")
     assert "dave" not in err and "frank" not in err
-    assert len(sent) == 2  # nothing queued for the refused request
+    assert sent == []  # no task: the request waits in the line, and only once
+    assert cli_runtime.line.lengths(account)["single"] == 1
     assert cli_runtime.jobs.get("ticket-7").export_key == "dave@example.com"
 
 

@@ -106,8 +106,8 @@ def test_a_batch_whose_account_was_removed_is_cancelled_and_finalized() -> None:
     )
     later: list[tuple[str, list[Any]]] = []
 
-    feeder.feed(rt, "apacbatch", lambda name, args, _delay: later.append((name, args)))
+    feeder.serve(rt, "apac", lambda name, args, _delay: later.append((name, args)))
 
     assert rt.batches.get("apacbatch").state == "cancelled"
     assert later == [(batch_store.FINALIZE_TASK, ["apacbatch"])]
-    assert feeder.feed(rt, "apacbatch", lambda *_: None) is None  # no loop
+    assert feeder.serve(rt, "apac", lambda *_: None) is None  # no loop

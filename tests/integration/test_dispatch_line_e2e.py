@@ -1,0 +1,158 @@
+"""One road to APSIS, through real processes, at the documented limits' shape.
+
+The sandbox runs as a process of its own and enforces APSIS's limits scaled up by the same
+factor (export requests per second, downloads and token requests per minute), so a run stays
+short while every ratio a user meets holds. Nothing here may be saved by the watchdog: its
+sweeps run every 2 s and every one that acts is counted and must be zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from e2e_support import StackFactory, wait_final
+
+from worker.cli.stack import LocalStack
+from worker.model.jobs import JobStore, State
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+#: The limits' scale: 10 in `make test` (short runs, same shape); `make faults` sets
+#: APSIS_TEST_SCALE=1 to run these at APSIS's documented rates.
+SCALE = int(os.environ.get("APSIS_TEST_SCALE", "10"))
+
+
+def _stack(make_stack: StackFactory, *, scale: int, workers: int = 2) -> LocalStack:
+    """APSIS's documented limits (1 export/s, 60 downloads/min, 10 tokens/min) x ``scale``."""
+    export, download, token = 1 * scale, 60 * scale, 10 * scale
+    stack = make_stack(
+        workers=workers,
+        concurrency=2,
+        sandbox_process=True,
+        env={
+            "APSIS_EXPORT_RATE": str(export),
+            "APSIS_DOWNLOAD_RATE": str(download),
+            "APSIS_TOKEN_RATE": str(token),
+            "WATCHDOG_INTERVAL": "2",
+        },
+    )
+    limits = {"export": [export, 1.0], "download": [download, 60.0], "token": [token, 60.0]}
+    requests.patch(
+        f"{stack.apsis_url}/_sandbox/config", json={"limits": limits}, timeout=5
+    ).raise_for_status()
+    return stack
+
+
+def watchdog_rescues(log_dir: Path) -> list[dict[str, Any]]:
+    """Every sweep that acted (re-requested, re-dispatched, failed or resumed anything)."""
+    found = []
+    for path in log_dir.glob("worker-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"watchdog"' in line and line.startswith("{"):
+                record = json.loads(line)
+                if record.get("event") == "watchdog":
+                    found.append(record)
+    return found
+
+
+def _rate(stamps: list[float]) -> float:
+    stamps = sorted(stamps)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def test_a_burst_of_60_singles_leaves_at_the_quota_through_429s_and_503s(
+    make_stack: StackFactory, redis_db: redis.Redis, tmp_path: Path
+) -> None:
+    scale = SCALE
+    stack = _stack(make_stack, scale=scale)
+    keys = [f"single-{n:02d}@example.com" for n in range(60)]
+    faulted = {
+        **{k: {"export_errors": [{"status": 429, "retry_after": 1}]} for k in keys[5:15]},
+        **{k: {"export_errors": [503, 503]} for k in keys[20:30]},
+    }
+    stack.sandbox_put("/_sandbox/faults", {"keys": faulted})
+    for n, key in enumerate(keys):
+        stack.producer.send_task(
+            "apsis.export_profile", args=[key], kwargs={"job_id": f"burst-{n:02d}"}, queue="apsis"
+        )
+
+    timeout = 120 * 10 / scale
+    jobs = wait_final(JobStore(redis_db), [f"burst-{n:02d}" for n in range(60)], timeout=timeout)
+
+    assert Counter(job.state for job in jobs) == {State.DONE: 60}
+    exports = [e for e in stack.journal() if e["kind"] == "export"]
+    accepted = Counter(e["export_key"] for e in exports if e["status"] == 202)
+    assert accepted == dict.fromkeys(keys, 1)  # each key requested (and accepted) once
+    refused = [e for e in exports if e["status"] == 429 and e["export_key"] not in faulted]
+    assert refused == []  # no 429 from our own pacing
+    # While the line held more than a slot's worth, requests left at the quota.
+    burst = sorted(e["ts"] for e in exports)[:50]
+    achieved = _rate(burst)
+    rescues = watchdog_rescues(stack.log_dir)
+    print(
+        f"\n60 singles at {scale:g}x the documented limits: {achieved:.2f} requests/s of "
+        f"{scale:g} allowed ({100 * achieved / scale:.1f}%) over the first 50; "
+        f"{len(exports)} export requests; 429s from pacing: {len(refused)}; "
+        f"watchdog rescues: {len(rescues)}"
+    )
+    assert achieved >= 0.95 * scale
+    assert achieved <= scale
+    assert rescues == []
+
+
+def test_singles_sent_during_a_long_batch_leave_within_ten_slots(
+    make_stack: StackFactory, redis_db: redis.Redis
+) -> None:
+    scale = max(SCALE // 2, 1)
+    stack = _stack(make_stack, scale=scale)
+    total = 60 * scale  # the batch runs for a minute at the enforced rate
+    keys = [f"long-{n:03d}@example.com" for n in range(total)]
+    stack.producer.send_task(
+        "apsis.export_batch",
+        args=[keys],
+        kwargs={"batch_id": "longbatch", "include_merged_profiles": False},
+        queue="apsis",
+    )
+    time.sleep(10)
+    enqueued: dict[str, float] = {}
+    for n in range(5):
+        key = f"meanwhile-{n}@example.com"
+        enqueued[key] = time.time()
+        stack.producer.send_task(
+            "apsis.export_profile", args=[key], kwargs={"job_id": f"meanwhile-{n}"}, queue="apsis"
+        )
+        time.sleep(0.5)
+
+    wait_final(JobStore(redis_db), [f"meanwhile-{n}" for n in range(5)], timeout=60)
+    deadline = time.monotonic() + 180
+    while not redis_db.hget("apsis:batch:longbatch", "finished_at"):
+        assert time.monotonic() < deadline, "the batch did not finish"
+        time.sleep(0.5)
+    raw: dict[bytes, bytes] = redis_db.hgetall("apsis:batch:longbatch")  # type: ignore[assignment]
+    batch = {k.decode(): v.decode() for k, v in raw.items()}
+    assert (batch["state"], batch["done"], batch["failed"]) == ("done", str(total), "0")
+
+    slot = 1.0 / (scale * (1 - 0.045))
+    exports = [e for e in stack.journal() if e["kind"] == "export" and e["status"] == 202]
+    waited = {
+        e["export_key"]: e["ts"] - enqueued[e["export_key"]]
+        for e in exports
+        if e["export_key"] in enqueued
+    }
+    print(
+        "\nsingles during a batch, seconds from send_task to APSIS: "
+        + ", ".join(f"{w:.2f}" for w in waited.values())
+        + f" (10 slots = {10 * slot:.2f} s)"
+    )
+    assert len(waited) == 5
+    assert max(waited.values()) <= 10 * slot
+    assert watchdog_rescues(stack.log_dir) == []

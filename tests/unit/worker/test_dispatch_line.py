@@ -1,0 +1,215 @@
+"""One road to APSIS: the per-account dispatch line and the feeder that serves it.
+
+Unit level (fake Redis, a fake APSIS client at a high rate so slots come fast): the order
+requests leave in, the share batches keep while singles wait, the round robin between
+batches, retries that wait in line, and a dead feeder's requests coming back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from job_support import make_runtime
+
+from worker.apsis.client import Limits
+from worker.apsis.ratelimit import Limit
+from worker.errors import ApsisAuthError, RetryableApsisError
+from worker.flow import batches, feeder, pipeline, watchdog
+from worker.flow.batch_file import BatchItem
+from worker.flow.runtime import Runtime
+from worker.model.jobs import ExportOptions, State
+from worker.model.line import DispatchLine
+
+ACCOUNT = "default"
+
+
+class _Tokens:
+    def get(self) -> str:
+        return "token"
+
+
+class FakeApsis:
+    """What the feeder uses of an APSIS client; records the keys in the order they left."""
+
+    def __init__(self, *, busy_once: set[str] | None = None) -> None:
+        self.limits = Limits(
+            export=Limit(1000, 1.0), download=Limit(1000, 60.0), token=Limit(1000, 60.0)
+        )
+        self.tokens = _Tokens()
+        self.requested: list[str] = []
+        self._busy_once = set(busy_once or ())
+
+    def request_export(self, export_key: str, callback_url: str, **_: Any) -> None:
+        if export_key in self._busy_once:
+            self._busy_once.discard(export_key)
+            raise RetryableApsisError("APSIS answered 429", status=429, retry_after=0.2)
+        self.requested.append(export_key)
+
+
+def _rt(apsis: FakeApsis) -> Runtime:
+    rt = make_runtime(
+        CALLBACK_BASE_URL="https://hooks.example.com",
+        APSIS_CLIENT_ID="client-id",
+        APSIS_CLIENT_SECRET="client-secret",
+    )
+    rt._clients[ACCOUNT] = apsis
+    return rt
+
+
+def _single(rt: Runtime, key: str, *, urgent: bool = False) -> str:
+    job_id = key.split("@", maxsplit=1)[0]
+    pipeline.submit(rt, key, options=ExportOptions(), job_id=job_id, urgent=urgent)
+    assert pipeline.place_in_line(rt, job_id)
+    return job_id
+
+
+def _serve_all(rt: Runtime, later: list[Any] | None = None) -> None:
+    """Serve the account the way a feeder thread does, until nothing of it waits."""
+    for _ in range(50):
+        again = feeder.serve(rt, ACCOUNT, lambda *a: (later or []).append(a))
+        if again is None:
+            return
+        time.sleep(again)
+
+
+def test_the_line_is_first_in_first_out_with_urgent_ahead() -> None:
+    apsis = FakeApsis()
+    rt = _rt(apsis)
+    for key in ("s1@x.test", "s2@x.test", "s3@x.test"):
+        _single(rt, key)
+    _single(rt, "u1@x.test", urgent=True)
+
+    assert not pipeline.place_in_line(rt, "s2")  # in line already: once only
+    place = rt.line.place(ACCOUNT, "s3")
+    assert place is not None and (place.lane, place.ahead) == ("single", 3)
+    _serve_all(rt)
+
+    assert apsis.requested == ["u1@x.test", "s1@x.test", "s2@x.test", "s3@x.test"]
+    assert all(rt.jobs.get(j).state == State.REQUESTED for j in ("s1", "s2", "s3", "u1"))
+    assert rt.line.lengths(ACCOUNT) == {"urgent": 0, "single": 0, "batch": 0, "later": 0}
+    assert rt.line.place(ACCOUNT, "s3") is None
+
+
+def test_singles_go_first_but_a_running_batch_keeps_one_slot_in_four() -> None:
+    apsis = FakeApsis()
+    rt = _rt(apsis)
+    items = [BatchItem(f"b{n}@x.test") for n in range(6)]
+    assert batches.create(rt, "B", items, options=ExportOptions())
+    for n in range(7):
+        _single(rt, f"s{n}@x.test")
+    _serve_all(rt)
+
+    order = [k[0] for k in apsis.requested]
+    assert order == list("sssbsssbsbbbb")
+
+
+def test_two_batches_share_the_slots_in_turn() -> None:
+    apsis = FakeApsis()
+    rt = _rt(apsis)
+    assert batches.create(
+        rt, "A", [BatchItem(f"a{n}@x.test") for n in range(4)], options=ExportOptions()
+    )
+    assert batches.create(
+        rt, "B", [BatchItem(f"b{n}@x.test") for n in range(4)], options=ExportOptions()
+    )
+    _serve_all(rt)
+
+    order = [k[0] for k in apsis.requested]
+    assert sorted(order) == list("aaaabbbb")
+    assert order[:6] in (list("ababab"), list("bababa"))
+
+
+def test_a_429_waits_in_line_and_keeps_its_place_no_task_retries() -> None:
+    apsis = FakeApsis(busy_once={"s1@x.test"})
+    rt = _rt(apsis)
+    for key in ("s1@x.test", "s2@x.test"):
+        _single(rt, key)
+    later: list[Any] = []
+
+    feeder.serve(rt, ACCOUNT, lambda *a: later.append(a), slice_seconds=0.1)
+    assert apsis.requested == ["s2@x.test"]
+    place = rt.line.place(ACCOUNT, "s1")
+    assert place is not None and place.retry_at is not None  # waiting for its retry, in line
+    assert rt.jobs.get("s1").state == State.QUEUED
+
+    _serve_all(rt, later)
+    assert apsis.requested == ["s2@x.test", "s1@x.test"]
+    assert later == []  # nothing went through a Celery countdown
+    assert rt.jobs.get("s1").retries == 1
+
+
+def test_a_request_a_dead_feeder_took_comes_back_to_its_place() -> None:
+    rt = _rt(FakeApsis())
+    line = DispatchLine(rt.redis)
+    for key in ("s1@x.test", "s2@x.test"):
+        _single(rt, key)
+    assert line.take(ACCOUNT, "single", now=1000.0) == "s1"  # ...and its feeder died
+
+    assert line.recover_taken(ACCOUNT, taken_before=1000.0 + feeder.TAKEN_STALE) == ["s1"]
+    place = line.place(ACCOUNT, "s1")
+    assert place is not None and place.ahead == 0  # first again, ahead of s2
+
+
+def test_a_job_waiting_in_line_is_not_a_watchdog_rescue() -> None:
+    rt = _rt(FakeApsis())
+    _single(rt, "s1@x.test")
+    sent: list[Any] = []
+    late = rt.jobs.get("s1").created_at + rt.settings.WATCHDOG_STUCK_AFTER + 1
+
+    report = watchdog.sweep(rt, lambda *a: sent.append(a), lambda c, r: None, now=late)
+
+    assert report.redispatched == [] and sent == []
+
+
+def test_status_tells_a_waiting_request_its_place_and_about_when_it_leaves() -> None:
+    rt = _rt(FakeApsis())
+    for n in range(3):
+        _single(rt, f"s{n}@x.test")
+    place = feeder.place_of(rt, rt.jobs.get("s2"))
+    assert place is not None
+    assert (place["lane"], place["ahead"]) == ("single", 2)
+    assert place["eta_seconds"] is not None and place["eta_seconds"] >= 0
+
+
+def test_the_gauges_and_the_status_page_show_the_line() -> None:
+    from webhook.status import gather
+    from worker.ops.gauges import PoolCollector
+
+    rt = _rt(FakeApsis())
+    for n in range(3):
+        _single(rt, f"s{n}@x.test")
+    families = {f.name: f for f in PoolCollector(rt.redis).collect()}
+    samples = {
+        tuple(sorted(s.labels.items())): s.value
+        for s in families["apsis_export_line_requests"].samples
+    }
+    assert samples[(("account", ACCOUNT), ("lane", "single"))] == 3
+    assert samples[(("account", ACCOUNT), ("lane", "urgent"))] == 0
+
+    page = gather(rt.redis, time.time())
+    assert [(r["account"], r["lane"], r["waiting"]) for r in page["lines"]] == [
+        (ACCOUNT, "single", 3)
+    ]
+
+
+class _RefusedTokens:
+    def get(self) -> str:
+        raise ApsisAuthError("APSIS token: answered a redirect (HTTP 307); not followed")
+
+
+def test_when_apsis_refuses_the_token_every_waiting_request_fails_with_the_reason() -> None:
+    apsis = FakeApsis()
+    apsis.tokens = _RefusedTokens()  # type: ignore[assignment]
+    rt = _rt(apsis)
+    for key in ("s1@x.test", "s2@x.test"):
+        _single(rt, key)
+
+    _serve_all(rt)
+
+    for job_id in ("s1", "s2"):
+        job = rt.jobs.get(job_id)
+        assert job.state == State.FAILED
+        assert job.error is not None and "redirect" in job.error
+    assert apsis.requested == []
+    assert rt.line.lengths(ACCOUNT) == {"urgent": 0, "single": 0, "batch": 0, "later": 0}

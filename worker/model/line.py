@@ -1,0 +1,233 @@
+"""The dispatch line: every export request of an account waits here for its slot.
+
+One ordered line per APSIS account, in Redis, shared by the whole pool. A request is a job
+id in one of three lanes: ``urgent`` (a caller asked for priority), ``single`` (a single
+export, or a re-request of one) and ``batch`` (a re-request of a batch item; new batch
+items are made by the dispatcher from the batch itself, so a batch of 50,000 is not 50,000
+entries here). Within a lane, first in, first out. The dispatcher (``worker.flow.dispatch``)
+takes the next request when a slot is free; a taken request stays on record until it was
+sent, so a dispatcher that dies mid-send leaves nothing lost (``recover_taken``).
+
+A request APSIS answered "not now" (429, 5xx) waits in ``later`` until its retry is due and
+then goes back to the front of its lane, keeping its place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+LANES = ("urgent", "single", "batch")
+PREFIX = "apsis:line"
+#: Set of accounts with anything in their line (the dispatchers look here).
+ACCOUNTS_KEY = f"{PREFIX}:accounts"
+
+
+def lane_key(account: str, lane: str) -> str:
+    return f"{PREFIX}:{account}:{lane}"
+
+
+def later_key(account: str) -> str:
+    """Requests waiting for a retry: job id -> the time it is due (unix seconds)."""
+    return f"{PREFIX}:{account}:later"
+
+
+def taken_key(account: str) -> str:
+    """Requests a dispatcher took and has not sent yet: job id -> when it took it."""
+    return f"{PREFIX}:{account}:taken"
+
+
+def where_key(account: str) -> str:
+    """Hash: job id -> "<lane>:<since>", its lane and when it joined the line (unix seconds,
+    Redis's clock): its place, kept while it is in line."""
+    return f"{PREFIX}:{account}:where"
+
+
+# KEYS: the lane, where, accounts. ARGV: job id, lane, account. Adds the job at the back of
+# its lane (scored by Redis's clock: first in, first out across every node) unless it is in
+# line already (in any lane, later or taken): 1 if added.
+_ENQUEUE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+local since = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], since, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. string.format('%.6f', since))
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+"""
+
+# KEYS: the lane, taken. ARGV: now. Moves the lane's first job to taken: its id, or false.
+_TAKE = """
+local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+if #first == 0 then return false end
+redis.call('ZREM', KEYS[1], first[1])
+redis.call('ZADD', KEYS[2], ARGV[1], first[1])
+return first[1]
+"""
+
+# KEYS: later, where, then the lanes in LANES order. ARGV: now, max. Moves due retries
+# back to their lane with their old place; returns how many moved.
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local lanes = {urgent = KEYS[3], single = KEYS[4], batch = KEYS[5]}
+for _, job in ipairs(due) do
+  local where = redis.call('HGET', KEYS[2], job)
+  redis.call('ZREM', KEYS[1], job)
+  if where then
+    local sep = string.find(where, ':')
+    local lane = string.sub(where, 1, sep - 1)
+    local since = tonumber(string.sub(where, sep + 1))
+    redis.call('ZADD', lanes[lane] or KEYS[4], since, job)
+  end
+end
+return #due
+"""
+
+# KEYS: taken, where, then the lanes in LANES order. ARGV: taken before. Puts requests
+# taken before ARGV[1] and never sent back at their place; returns their ids.
+_RECOVER = """
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+local lanes = {urgent = KEYS[3], single = KEYS[4], batch = KEYS[5]}
+for _, job in ipairs(stale) do
+  redis.call('ZREM', KEYS[1], job)
+  local where = redis.call('HGET', KEYS[2], job)
+  if where then
+    local sep = string.find(where, ':')
+    local lane = string.sub(where, 1, sep - 1)
+    local since = tonumber(string.sub(where, sep + 1))
+    redis.call('ZADD', lanes[lane] or KEYS[4], since, job)
+  end
+end
+return stale
+"""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a waiting request stands: its lane, how many wait ahead of it in the line."""
+
+    lane: str
+    ahead: int
+    #: Waiting for a retry (APSIS said "not now") until this time, or None.
+    retry_at: float | None = None
+
+
+class DispatchLine:
+    """The per-account lines on one Redis client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._take = client.register_script(_TAKE)
+        self._promote = client.register_script(_PROMOTE)
+        self._recover = client.register_script(_RECOVER)
+
+    @staticmethod
+    def _lanes(account: str) -> list[str]:
+        return [lane_key(account, lane) for lane in LANES]
+
+    def enqueue(self, account: str, job_id: str, lane: str = "single") -> bool:
+        """Put a request at the back of its lane; False if it is in line already."""
+        if lane not in LANES:
+            raise ValueError(f"unknown lane {lane!r}")
+        keys = [lane_key(account, lane), where_key(account), ACCOUNTS_KEY]
+        return bool(self._enqueue(keys=keys, args=[job_id, lane, account]))
+
+    def hold(self, account: str, job_id: str, lane: str, now: float | None = None) -> None:
+        """Record a request the dispatcher made and sends now (a new batch item) as taken,
+        so it comes back to its lane if the dispatcher dies before sending it."""
+        now = time.time() if now is None else now
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hset(where_key(account), job_id, f"{lane}:{now:.6f}")
+        pipe.zadd(taken_key(account), {job_id: now})
+        pipe.sadd(ACCOUNTS_KEY, account)
+        pipe.execute()
+
+    def accounts(self) -> list[str]:
+        raw: set[bytes] = self._client.smembers(ACCOUNTS_KEY)  # type: ignore[assignment]
+        return sorted(a.decode() for a in raw)
+
+    def waiting(self, account: str, lane: str) -> int:
+        return int(self._client.zcard(lane_key(account, lane)))
+
+    def lengths(self, account: str) -> dict[str, int]:
+        """Requests waiting per lane, plus those waiting for a retry (``later``)."""
+        pipe = self._client.pipeline(transaction=False)
+        for lane in LANES:
+            pipe.zcard(lane_key(account, lane))
+        pipe.zcard(later_key(account))
+        counts = pipe.execute()
+        return {**dict(zip(LANES, map(int, counts), strict=False)), "later": int(counts[-1])}
+
+    def oldest_since(self, account: str, lane: str) -> float | None:
+        """When the lane's first request joined the line (unix seconds), if any waits."""
+        first: list[tuple[bytes, float]] = self._client.zrange(  # type: ignore[assignment]
+            lane_key(account, lane), 0, 0, withscores=True
+        )
+        return float(first[0][1]) if first else None
+
+    def take(self, account: str, lane: str, now: float | None = None) -> str | None:
+        """The lane's first request, moved to ``taken``; None if the lane is empty."""
+        now = time.time() if now is None else now
+        raw = self._take(keys=[lane_key(account, lane), taken_key(account)], args=[now])
+        return raw.decode() if raw else None
+
+    def sent(self, account: str, job_id: str) -> None:
+        """The request left (or the job ended): it is out of the line for good."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zrem(taken_key(account), job_id)
+        pipe.hdel(where_key(account), job_id)
+        for key in self._lanes(account):
+            pipe.zrem(key, job_id)
+        pipe.zrem(later_key(account), job_id)
+        pipe.execute()
+
+    def retry_later(self, account: str, job_id: str, due: float) -> None:
+        """APSIS said "not now": wait until ``due``, then go back to the same place."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zrem(taken_key(account), job_id)
+        pipe.zadd(later_key(account), {job_id: due})
+        pipe.execute()
+
+    def promote_due(self, account: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        keys = [later_key(account), where_key(account), *self._lanes(account)]
+        return int(self._promote(keys=keys, args=[now, 1000]))
+
+    def next_retry_at(self, account: str) -> float | None:
+        first: list[tuple[bytes, float]] = self._client.zrange(  # type: ignore[assignment]
+            later_key(account), 0, 0, withscores=True
+        )
+        return first[0][1] if first else None
+
+    def recover_taken(self, account: str, taken_before: float) -> list[str]:
+        """Requests taken before ``taken_before`` and never sent (their dispatcher died):
+        back at their place. Returns their ids."""
+        keys = [taken_key(account), where_key(account), *self._lanes(account)]
+        raw: list[bytes] = self._recover(keys=keys, args=[taken_before])
+        return [r.decode() for r in raw]
+
+    def forget_account_if_idle(self, account: str) -> None:
+        """Drop the account from ACCOUNTS_KEY when nothing of it is in line (a new request
+        adds it back)."""
+        if not self._client.hlen(where_key(account)):
+            self._client.srem(ACCOUNTS_KEY, account)
+
+    def place(self, account: str, job_id: str) -> Place | None:
+        """Where ``job_id`` waits, or None if it is not in line (sent, or never placed)."""
+        raw = self._client.hget(where_key(account), job_id)
+        if raw is None:
+            return None
+        lane, _, _since = raw.decode().partition(":")  # type: ignore[union-attr]
+        retry_at = self._client.zscore(later_key(account), job_id)
+        if retry_at is not None:
+            return Place(lane=lane, ahead=0, retry_at=float(retry_at))
+        rank = self._client.zrank(lane_key(account, lane), job_id)
+        if rank is None:
+            return Place(lane=lane, ahead=0)  # taken: being sent now
+        ahead = int(rank)  # type: ignore[arg-type]
+        for other in LANES[: LANES.index(lane)]:
+            ahead += self.waiting(account, other)
+        return Place(lane=lane, ahead=ahead)
