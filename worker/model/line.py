@@ -67,30 +67,13 @@ redis.call('ZADD', KEYS[2], ARGV[1], first[1])
 return first[1]
 """
 
-# KEYS: later, where, then the lanes in LANES order. ARGV: now, max. Moves due retries
-# back to their lane with their old place; returns how many moved.
-_PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+# KEYS: a holding set (later or taken), where, then the lanes in LANES order. ARGV: a
+# score, a count. Moves up to ARGV[2] jobs scored at most ARGV[1] in the holding set back
+# to their lane, at the place they joined it; returns their ids.
+_BACK_TO_PLACE = """
+local held = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local lanes = {urgent = KEYS[3], single = KEYS[4], batch = KEYS[5]}
-for _, job in ipairs(due) do
-  local where = redis.call('HGET', KEYS[2], job)
-  redis.call('ZREM', KEYS[1], job)
-  if where then
-    local sep = string.find(where, ':')
-    local lane = string.sub(where, 1, sep - 1)
-    local since = tonumber(string.sub(where, sep + 1))
-    redis.call('ZADD', lanes[lane] or KEYS[4], since, job)
-  end
-end
-return #due
-"""
-
-# KEYS: taken, where, then the lanes in LANES order. ARGV: taken before. Puts requests
-# taken before ARGV[1] and never sent back at their place; returns their ids.
-_RECOVER = """
-local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
-local lanes = {urgent = KEYS[3], single = KEYS[4], batch = KEYS[5]}
-for _, job in ipairs(stale) do
+for _, job in ipairs(held) do
   redis.call('ZREM', KEYS[1], job)
   local where = redis.call('HGET', KEYS[2], job)
   if where then
@@ -100,7 +83,7 @@ for _, job in ipairs(stale) do
     redis.call('ZADD', lanes[lane] or KEYS[4], since, job)
   end
 end
-return stale
+return held
 """
 
 
@@ -121,8 +104,7 @@ class DispatchLine:
         self._client = client
         self._enqueue = client.register_script(_ENQUEUE)
         self._take = client.register_script(_TAKE)
-        self._promote = client.register_script(_PROMOTE)
-        self._recover = client.register_script(_RECOVER)
+        self._back = client.register_script(_BACK_TO_PLACE)
 
     @staticmethod
     def _lanes(account: str) -> list[str]:
@@ -194,7 +176,8 @@ class DispatchLine:
     def promote_due(self, account: str, now: float | None = None) -> int:
         now = time.time() if now is None else now
         keys = [later_key(account), where_key(account), *self._lanes(account)]
-        return int(self._promote(keys=keys, args=[now, 1000]))
+        moved: list[bytes] = self._back(keys=keys, args=[now, 1000])
+        return len(moved)
 
     def next_retry_at(self, account: str) -> float | None:
         first: list[tuple[bytes, float]] = self._client.zrange(  # type: ignore[assignment]
@@ -206,7 +189,7 @@ class DispatchLine:
         """Requests taken before ``taken_before`` and never sent (their dispatcher died):
         back at their place. Returns their ids."""
         keys = [taken_key(account), where_key(account), *self._lanes(account)]
-        raw: list[bytes] = self._recover(keys=keys, args=[taken_before])
+        raw: list[bytes] = self._back(keys=keys, args=[taken_before, 1000])
         return [r.decode() for r in raw]
 
     def forget_account_if_idle(self, account: str) -> None:
