@@ -518,7 +518,11 @@ def _fetch_and_store(
         fail(rt, job_id, str(exc))
         return None
     except RateLimited as exc:
-        raise RetryLater(exc.retry_after or 0.1, str(exc)) from None
+        # Our own download limiter said "not yet": not a failure, not counted. Say when it
+        # runs again, so the sweep does not take the waiting fetch for an orphaned one.
+        delay = exc.retry_after or 0.1
+        rt.jobs.update(job.job_id, {"retry_at": time.time() + delay})
+        raise RetryLater(delay, str(exc)) from None
     except (RetryableApsisError, ApsisAuthError) as exc:
         _retry_or_fail(rt, job, str(exc), retry_after=getattr(exc, "retry_after", None))
         return None

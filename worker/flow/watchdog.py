@@ -16,7 +16,7 @@ from worker.flow import pipeline, retention
 from worker.flow.runtime import Runtime
 from worker.model.batch_store import FINALIZE_TASK
 from worker.model.jobs import State
-from worker.model.lease import JobLease
+from worker.model.lease import LEASE_SECONDS, JobLease
 
 log = logging.getLogger("apsis.watchdog")
 
@@ -86,6 +86,26 @@ def sweep(
                 report.rerequested.append(job_id)
         elif pipeline.fail(rt, job_id, f"{reason} after {job.attempt} attempts"):
             report.failed.append(job_id)
+
+    # A fetch whose worker died: it had begun (fetch_started_at), its lease has lapsed (no
+    # heartbeat for LEASE_SECONDS), and the job is still ready. Back on the road at the next
+    # sweep, not after WATCHDOG_STUCK_AFTER: within LEASE_SECONDS + WATCHDOG_INTERVAL of the
+    # death. A slow but living holder keeps its lease, so it never gets a second copy.
+    for job_id in rt.jobs.idle_since(now - LEASE_SECONDS, limit=SWEEP_BATCH):
+        job = rt.jobs.find(job_id)
+        if job is None or job.state != State.READY or not job.extra.get("fetch_started_at"):
+            continue
+        if float(job.extra.get("retry_at", "0") or 0) > now:
+            continue  # its fetch was told to retry later: not orphaned
+        if JobLease(rt.redis, job_id).held_elsewhere():
+            continue
+        dispatch(pipeline.FETCH_TASK, [job_id])
+        report.redispatched.append(job_id)
+        rt.jobs.touch(job_id, now)
+        log.warning(
+            "fetch resumed: its worker stopped beating",
+            extra={"job_id": job_id, "event": "fetch_orphaned"},
+        )
 
     for job_id in rt.jobs.idle_since(now - s.WATCHDOG_STUCK_AFTER, limit=SWEEP_BATCH):
         job = rt.jobs.find(job_id)

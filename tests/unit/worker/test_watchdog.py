@@ -10,7 +10,7 @@ from job_support import make_runtime
 from worker.flow import pipeline, watchdog
 from worker.flow.runtime import Runtime
 from worker.model.jobs import ExportOptions, State
-from worker.model.lease import JobLease, LeaseBusy
+from worker.model.lease import LEASE_SECONDS, JobLease, LeaseBusy
 
 NOW = 1_000_000.0
 
@@ -117,3 +117,22 @@ def test_a_done_job_whose_chain_was_never_sent_gets_it_sent_once(rt: Runtime) ->
 def test_only_one_sweep_per_interval_in_the_whole_pool(rt: Runtime) -> None:
     assert watchdog.try_sweep(rt, Recorder(), lambda c, r: None) is not None
     assert watchdog.try_sweep(rt, Recorder(), lambda c, r: None) is None
+
+
+def test_a_fetch_whose_worker_stopped_beating_is_resumed_within_a_lease(rt: Runtime) -> None:
+    for job_id in ("orphan", "alive", "waiting", "not_started"):
+        _new(rt, job_id)
+        rt.jobs.transition(job_id, State.REQUESTED, now=NOW)
+        rt.jobs.transition(job_id, State.READY, fields={"download_url": "u"}, now=NOW)
+    for job_id in ("orphan", "alive", "waiting"):
+        rt.jobs.update(job_id, {"fetch_started_at": NOW})  # a fetch began on each
+    rt.jobs.update("waiting", {"retry_at": NOW + 1000})  # told to come back later
+    sent = Recorder()
+    with JobLease(rt.redis, "alive"):  # a slow fetch whose worker still beats
+        early = watchdog.sweep(rt, sent, lambda c, r: None, now=NOW + LEASE_SECONDS - 1)
+        report = watchdog.sweep(rt, sent, lambda c, r: None, now=NOW + LEASE_SECONDS + 1)
+
+    assert early.redispatched == []
+    # Long before WATCHDOG_STUCK_AFTER (120 s here): only the fetch nobody holds any more.
+    assert report.redispatched == ["orphan"]
+    assert sent == [(pipeline.FETCH_TASK, ["orphan"])]
