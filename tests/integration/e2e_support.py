@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
+from celery import chain
 
 from worker.cli.stack import LocalStack
+from worker.model.inbox import EVENTS_STREAM
 from worker.model.jobs import FINAL, Job, JobStore
 
 StackFactory = Callable[..., LocalStack]
 
+#: The repository's root (the ``apsis-export`` command runs from there).
+REPO = Path(__file__).resolve().parents[2]
 #: Where Debian's chromium package installs the browser (else it is looked up on PATH).
 CHROMIUM = "/usr/bin/chromium"
 #: What the tests leave for a person to look at: rendered pages and their screenshots.
-OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+OUTPUT = REPO / "test-output"
 #: Seconds one headless Chromium run may take.
 CHROMIUM_TIMEOUT = 120
 
@@ -35,6 +43,93 @@ def wait_final(jobs: JobStore, job_ids: list[str], *, timeout: float = 60.0) -> 
             states = [job.state.value if job else "missing" for job in found]
             pytest.fail(f"jobs not final after {timeout} s: {sorted(set(states))}")
         time.sleep(0.1)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Poll ``check`` until it returns something true, and return that; fail the test if
+    it has not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"{what} not seen within {timeout:.0f} s")
+
+
+def start_caller_worker(
+    stack: LocalStack, redis_url: str, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """The caller's own Celery worker (caller_app, queue ``caller``), its output in
+    ``log_path``; the test stops it (terminate, then wait)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "caller_app", "worker", "-Q", "caller"]
+        + ["--concurrency", "1", "--without-gossip", "--without-mingle", "-n", "caller@%h"],
+        cwd=Path(__file__).parent,
+        env={**stack.env, "REDIS_URL": redis_url},
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def apsis_export(
+    stack: LocalStack, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The ``apsis-export`` command in a child process, on the stack's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=stack.env,
+        cwd=REPO,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=timeout,
+        check=False,
+    )
+
+
+def batch_hash(client: redis.Redis, batch_id: str) -> dict[str, str]:
+    """The batch's record in Redis, decoded (empty if there is none)."""
+    raw: dict[bytes, bytes] = client.hgetall(f"apsis:batch:{batch_id}")  # type: ignore[assignment]
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def batch_events(client: redis.Redis, batch_id: str) -> list[dict[str, str]]:
+    """The batch's completion events on the events stream."""
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(EVENTS_STREAM)  # type: ignore[assignment]
+    events = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+    return [e for e in events if e.get("type") == "batch" and e.get("batch_id") == batch_id]
+
+
+def submit_chained_batch(stack: LocalStack, batch_id: str, keys: list[str]) -> None:
+    """A batch of ``keys`` (no merged profiles) with the caller's task chained after it
+    (caller.record_result, tagged ``batch_id``)."""
+    chain(
+        stack.producer.signature(
+            "apsis.export_batch",
+            args=[keys],
+            kwargs={"batch_id": batch_id, "include_merged_profiles": False},
+            queue="apsis",
+        ),
+        stack.producer.signature("caller.record_result", kwargs={"tag": batch_id}, queue="caller"),
+    ).apply_async()
+
+
+def chain_results(client: redis.Redis, tag: str) -> list[dict[str, Any]]:
+    """The results the caller's chained task (caller.record_result) got under ``tag``."""
+    results = [json.loads(r) for r in client.lrange("caller:results", 0, -1)]
+    return [r["result"] for r in results if r["tag"] == tag]
+
+
+def log_events(log_dir: Path, event: str) -> list[dict[str, Any]]:
+    """The workers' JSON log lines of one ``event``."""
+    found = []
+    for path in log_dir.glob("worker-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"{event}"' in line:
+                record = json.loads(line)
+                if record.get("event") == event:
+                    found.append(record)
+    return found
 
 
 def find_chromium() -> str:

@@ -8,7 +8,6 @@ sweeps run every 2 s and every one that acts is counted and must be zero.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 import requests
-from e2e_support import StackFactory, wait_final
+from e2e_support import StackFactory, log_events, wait_final
 
 from worker.cli.stack import LocalStack
 from worker.model.jobs import JobStore, State
@@ -54,14 +53,7 @@ def _stack(make_stack: StackFactory, *, scale: int, workers: int = 2) -> LocalSt
 
 def watchdog_rescues(log_dir: Path) -> list[dict[str, Any]]:
     """Every sweep that acted (re-requested, re-dispatched, failed or resumed anything)."""
-    found = []
-    for path in log_dir.glob("worker-*.log"):
-        for line in path.read_text(errors="replace").splitlines():
-            if '"watchdog"' in line and line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == "watchdog":
-                    found.append(record)
-    return found
+    return log_events(log_dir, "watchdog")
 
 
 def _rate(stamps: list[float]) -> float:

@@ -15,8 +15,6 @@ may be rescued by the watchdog.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +22,19 @@ from typing import Any
 import pytest
 import redis
 import requests
-from celery import chain
-from e2e_support import StackFactory
+from e2e_support import (
+    StackFactory,
+    batch_events,
+    batch_hash,
+    chain_results,
+    start_caller_worker,
+    submit_chained_batch,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.cli.stack import LocalStack
 from worker.deliverable.storage import Storage
-from worker.model.inbox import EVENTS_STREAM
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -43,32 +47,6 @@ ENV = {
     "LOG_LEVEL": "INFO",
 }
 RESCUED = "apsis_export_batches_finalized_by_safety_net_total"
-
-
-def _wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    pytest.fail(f"{what} not seen within {timeout:.0f} s")
-
-
-def _batch(client: redis.Redis) -> dict[str, str]:
-    raw: dict[bytes, bytes] = client.hgetall(f"apsis:batch:{BATCH}")  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def _chain_results(client: redis.Redis) -> list[dict[str, Any]]:
-    results = [json.loads(r) for r in client.lrange("caller:results", 0, -1)]
-    return [r["result"] for r in results if r["tag"] == BATCH]
-
-
-def _batch_events(client: redis.Redis) -> list[dict[str, str]]:
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(EVENTS_STREAM)  # type: ignore[assignment]
-    events = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
-    return [e for e in events if e.get("type") == "batch" and e.get("batch_id") == BATCH]
 
 
 def _log_lines(stack: LocalStack) -> list[dict[str, Any]]:
@@ -110,28 +88,13 @@ def test_a_batch_whose_finalize_failed_on_storage_is_finalized_by_the_safety_net
 ) -> None:
     root = tmp_path / "exports"
     stack = make_stack(storage_url=f"file://{root}", env=ENV)
-    caller = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "caller_app", "worker", "-Q", "caller"]
-        + ["--concurrency", "1", "--without-gossip", "--without-mingle", "-n", "caller@%h"],
-        cwd=Path(__file__).parent,
-        env={**stack.env, "REDIS_URL": redis_url},
-        stdout=(tmp_path / "caller.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    caller = start_caller_worker(stack, redis_url, tmp_path / "caller.log")
     try:
         # The outage: nothing can be written under batches/ (jobs/ stays writable).
         root.mkdir(parents=True, exist_ok=True)
         blocker = root / "batches"
         blocker.write_bytes(b"not a folder")
-        chain(
-            stack.producer.signature(
-                "apsis.export_batch",
-                args=[KEYS],
-                kwargs={"batch_id": BATCH, "include_merged_profiles": False},
-                queue="apsis",
-            ),
-            stack.producer.signature("caller.record_result", kwargs={"tag": BATCH}, queue="caller"),
-        ).apply_async()
+        submit_chained_batch(stack, BATCH, KEYS)
 
         def gave_up() -> bool:
             return any(
@@ -139,12 +102,12 @@ def test_a_batch_whose_finalize_failed_on_storage_is_finalized_by_the_safety_net
                 for line in _log_lines(stack)
             )
 
-        _wait("the finalize giving up on the storage outage", gave_up, 40)
-        before = _batch(redis_db)
+        wait_for("the finalize giving up on the storage outage", gave_up, 40)
+        before = batch_hash(redis_db, BATCH)
         # The test's premise: every job ended, the batch is not finalized, no chain ran.
         assert int(before["done"]) == len(KEYS), before
         assert before["state"] == "running" and not before.get("finished_at"), before
-        assert _chain_results(redis_db) == []
+        assert chain_results(redis_db, BATCH) == []
         failed_attempts = sum(
             1
             for line in _log_lines(stack)
@@ -153,20 +116,20 @@ def test_a_batch_whose_finalize_failed_on_storage_is_finalized_by_the_safety_net
 
         blocker.unlink()  # storage is back
         back_at = time.monotonic()
-        _wait("the batch's end", lambda: _batch(redis_db).get("finished_at"), 30)
+        wait_for("the batch's end", lambda: batch_hash(redis_db, BATCH).get("finished_at"), 30)
         finished_after = time.monotonic() - back_at
-        _wait("the caller's chain", lambda: _chain_results(redis_db), 30)
+        wait_for("the caller's chain", lambda: chain_results(redis_db, BATCH), 30)
         time.sleep(2.0)  # a second chain or event, if there were one, would land by now
 
-        batch = _batch(redis_db)
+        batch = batch_hash(redis_db, BATCH)
         assert (batch["state"], batch["done"], batch["failed"]) == ("done", "2", "0"), batch
         storage = Storage(stack.env["STORAGE_URL"])
         manifest = json.loads(storage.get_bytes(f"batches/{BATCH}/manifest.json"))
         assert manifest["counts"] == {"done": 2, "failed": 0, "cancelled": 0}
         assert storage.get_bytes(f"batches/{BATCH}/summary.csv").count(b"\n") == 3
-        chains = _chain_results(redis_db)
+        chains = chain_results(redis_db, BATCH)
         assert [(c["state"], c["done"], c["failed"]) for c in chains] == [("done", 2, 0)]
-        assert [e["state"] for e in _batch_events(redis_db)] == ["done"]
+        assert [e["state"] for e in batch_events(redis_db, BATCH)] == ["done"]
         assert redis_db.zscore("apsis:batches:running", BATCH) is None
 
         lines = _log_lines(stack)
@@ -190,7 +153,7 @@ def test_a_batch_whose_finalize_failed_on_storage_is_finalized_by_the_safety_net
             f"before it gave up: {failed_attempts}; finalize dispatched by the sweep: "
             f"{watchdog.get('batches_finalized', 0)}; batch finished {finished_after:.1f} s "
             f"after storage came back; chains run: {len(chains)}; batch events: "
-            f"{len(_batch_events(redis_db))}; jobs rescued by the watchdog: 0"
+            f"{len(batch_events(redis_db, BATCH))}; jobs rescued by the watchdog: 0"
         )
     finally:
         caller.terminate()

@@ -434,6 +434,25 @@ def _whereabouts(stack: LocalStack, client: redis.Redis, job_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _log_figures(log_dir: Path) -> dict[str, int]:
+    """What the workers' JSON logs say the safety nets did (counted, never hidden)."""
+    events: Counter[str] = Counter()
+    sweeps = 0
+    for log in log_dir.glob("worker-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            events[str(record.get("event"))] += 1
+            sweeps += record.get("event") == "watchdog"
+    return {
+        "watchdog rescues (sweeps that acted)": sweeps,
+        "batches finalized by the safety net": events["batch_rescued"],
+        "duplicate task runs prevented (held replies dropped)": events["message_already_requeued"],
+        "requests a dead feeder took, put back in line": events["line_recovered"],
+    }
+
+
 def _figures(
     keys: dict[str, FaultKind],
     job_of: dict[str, str],
@@ -504,6 +523,7 @@ def _figures(
         f"redis restarts: {chaos.redis_restarts}"
         f" (webhook probes answered 503: {chaos.webhook_503})",
         f"jobs whose fetch a kill or restart interrupted: {len(chaos.disturbed)}",
+        *(f"{name}: {value}" for name, value in _log_figures(chaos.stack.log_dir).items()),
         f"lost: {lost}",
         f"duplicated: {duplicated}",
         f"wall time: {time.monotonic() - started:.1f} s",

@@ -18,11 +18,10 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from e2e_support import StackFactory, wait_final
+from e2e_support import StackFactory, log_events, wait_final, wait_for
 
 from worker.deliverable import manifest
 from worker.deliverable.storage import Storage
@@ -56,27 +55,6 @@ def pool_children(parent: int) -> set[int]:
         if int(stat.rpartition(")")[2].split()[1]) == parent:
             found.add(int(entry.name))
     return found
-
-
-def log_events(log_dir: Path, event: str) -> list[dict[str, Any]]:
-    found = []
-    for path in log_dir.glob("worker-*.log"):
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("{") and f'"{event}"' in line:
-                record = json.loads(line)
-                if record.get("event") == event:
-                    found.append(record)
-    return found
-
-
-def wait_for(what: str, check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    pytest.fail(f"{what} not within {timeout} s")
 
 
 def test_a_replaced_pool_child_stores_the_next_export(

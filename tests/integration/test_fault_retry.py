@@ -16,81 +16,34 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from celery import chain
-from e2e_support import StackFactory
+from e2e_support import (
+    StackFactory,
+    apsis_export,
+    batch_events,
+    batch_hash,
+    chain_results,
+    start_caller_worker,
+    submit_chained_batch,
+    wait_for,
+)
 
 from worker.cli.stack import LocalStack
 from worker.deliverable.storage import Storage
-from worker.model.inbox import EVENTS_STREAM
 from worker.model.jobs import JobStore, State
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-REPO = Path(__file__).resolve().parents[2]
 FAILING = "refused@example.com"
 FINE = "fine@example.com"
 SLOW = "slow@example.com"
 #: Seconds the slow item's ready callback takes: the batch is still running while the
 #: failing item spends its attempts and the operator retries it (checked, not assumed).
 SLOW_READY = 25.0
-
-
-def apsis_export(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=stack.env,
-        cwd=REPO,
-        capture_output=True,
-        encoding="utf-8",
-        timeout=120,
-        check=False,
-    )
-
-
-def _submit(stack: LocalStack, batch_id: str, keys: list[str]) -> None:
-    chain(
-        stack.producer.signature(
-            "apsis.export_batch",
-            args=[keys],
-            kwargs={"batch_id": batch_id, "include_merged_profiles": False},
-            queue="apsis",
-        ),
-        stack.producer.signature("caller.record_result", kwargs={"tag": batch_id}, queue="caller"),
-    ).apply_async()
-
-
-def _wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    pytest.fail(f"{what} not seen within {timeout:.0f} s")
-
-
-def _batch(client: redis.Redis, batch_id: str) -> dict[str, str]:
-    raw: dict[bytes, bytes] = client.hgetall(f"apsis:batch:{batch_id}")  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def _batch_events(client: redis.Redis, batch_id: str) -> list[dict[str, str]]:
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(EVENTS_STREAM)  # type: ignore[assignment]
-    events = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
-    return [e for e in events if e.get("type") == "batch" and e.get("batch_id") == batch_id]
-
-
-def _chain_results(client: redis.Redis, tag: str) -> list[dict[str, Any]]:
-    results = [json.loads(r) for r in client.lrange("caller:results", 0, -1)]
-    return [r["result"] for r in results if r["tag"] == tag]
 
 
 def _summary(stack: LocalStack, batch_id: str) -> list[dict[str, str]]:
@@ -103,27 +56,20 @@ def test_retry_of_a_failed_batch_item_ends_the_batch_once(
 ) -> None:
     stack = make_stack()
     jobs = JobStore(redis_db)
-    caller = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "caller_app", "worker", "-Q", "caller"]
-        + ["--concurrency", "1", "--without-gossip", "--without-mingle", "-n", "caller@%h"],
-        cwd=Path(__file__).parent,
-        env={**stack.env, "REDIS_URL": redis_url},
-        stdout=(tmp_path / "caller.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    caller = start_caller_worker(stack, redis_url, tmp_path / "caller.log")
     try:
         stack.sandbox_put(
             "/_sandbox/faults",
             {"keys": {FAILING: {"failure_code": 410}, SLOW: {"ready_delay": SLOW_READY}}},
         )
-        _submit(stack, "RETRY1", [FAILING, FINE, SLOW])
+        submit_chained_batch(stack, "RETRY1", [FAILING, FINE, SLOW])
         item = "RETRY1.0"
-        failed = _wait(
+        failed = wait_for(
             "the failing item's failure",
             lambda: (job := jobs.find(item)) is not None and job.state == State.FAILED and job,
             60,
         )
-        before = _batch(redis_db, "RETRY1")
+        before = batch_hash(redis_db, "RETRY1")
         # The test's premise: the slow item still runs, so the batch has not ended.
         assert before["state"] == "running" and not before.get("finished_at"), before
         assert (before["failed"], before.get("done", "0")) == ("1", "1"), before
@@ -134,12 +80,12 @@ def test_retry_of_a_failed_batch_item_ends_the_batch_once(
         ran = apsis_export(stack, "retry", item)
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.strip() == f"{item} queued again (attempt {failed.attempt + 1})"
-        after = _batch(redis_db, "RETRY1")
+        after = batch_hash(redis_db, "RETRY1")
         assert after["failed"] == "0", after  # the failure was taken back with the restart
 
-        _wait("the batch's end", lambda: _batch(redis_db, "RETRY1").get("finished_at"), 60)
+        wait_for("the batch's end", lambda: batch_hash(redis_db, "RETRY1").get("finished_at"), 60)
         ended_after = time.monotonic() - retried_at
-        batch = _batch(redis_db, "RETRY1")
+        batch = batch_hash(redis_db, "RETRY1")
         assert (batch["state"], batch["done"], batch["failed"]) == ("done", "3", "0"), batch
         rows = _summary(stack, "RETRY1")
         assert [(r["export_key"], r["state"], r["reason"]) for r in rows] == [
@@ -159,10 +105,10 @@ def test_retry_of_a_failed_batch_item_ends_the_batch_once(
         assert "retry requested" in notes
         assert not [n for n in notes if "EXPORT_DEADLINE" in n or "no ready callback" in n]
 
-        _wait("the caller's chain", lambda: _chain_results(redis_db, "RETRY1"), 30)
+        wait_for("the caller's chain", lambda: chain_results(redis_db, "RETRY1"), 30)
         time.sleep(1.0)  # a second chain or event, if there were one, would land by now
-        chains = _chain_results(redis_db, "RETRY1")
-        events = _batch_events(redis_db, "RETRY1")
+        chains = chain_results(redis_db, "RETRY1")
+        events = batch_events(redis_db, "RETRY1")
         assert [(c["state"], c["done"], c["failed"]) for c in chains] == [("done", 3, 0)]
         assert [(e["state"], e["done"], e["failed"]) for e in events] == [("done", "3", "0")]
         exports = [
@@ -178,8 +124,10 @@ def test_retry_of_a_failed_batch_item_ends_the_batch_once(
 
         # A batch that has ended is not reopened: the retry is refused in one line.
         stack.sandbox_put("/_sandbox/faults", {"keys": {"gone@example.com": {"failure_code": 410}}})
-        _submit(stack, "RETRY2", ["gone@example.com"])
-        _wait("the second batch's end", lambda: _batch(redis_db, "RETRY2").get("finished_at"), 60)
+        submit_chained_batch(stack, "RETRY2", ["gone@example.com"])
+        wait_for(
+            "the second batch's end", lambda: batch_hash(redis_db, "RETRY2").get("finished_at"), 60
+        )
         ran = apsis_export(stack, "retry", "RETRY2.0")
         assert ran.returncode == 2, (ran.stdout, ran.stderr)
         assert ran.stdout == ""
@@ -187,10 +135,10 @@ def test_retry_of_a_failed_batch_item_ends_the_batch_once(
         assert "batch RETRY2, which has ended" in ran.stderr
         assert "gone@" not in ran.stderr
         assert jobs.get("RETRY2.0").state == State.FAILED
-        batch = _batch(redis_db, "RETRY2")
+        batch = batch_hash(redis_db, "RETRY2")
         assert (batch["state"], batch["failed"]) == ("done", "1")
-        _wait("the second batch's chain", lambda: _chain_results(redis_db, "RETRY2"), 30)
-        assert len(_batch_events(redis_db, "RETRY2")) == 1
+        wait_for("the second batch's chain", lambda: chain_results(redis_db, "RETRY2"), 30)
+        assert len(batch_events(redis_db, "RETRY2")) == 1
         print(f"refused: {ran.stderr.strip()}")
     finally:
         caller.terminate()

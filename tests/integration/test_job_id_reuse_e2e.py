@@ -9,34 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
-from e2e_support import StackFactory
+from e2e_support import StackFactory, apsis_export
 
 from worker.cli.stack import LocalStack
 from worker.deliverable.storage import Storage
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def apsis_export(
-    stack: LocalStack, *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=stack.env,
-        cwd=REPO,
-        capture_output=True,
-        encoding="utf-8",
-        timeout=timeout,
-        check=False,
-    )
 
 
 def exported_keys(stack: LocalStack, job_id: str) -> tuple[list[str], bytes]:

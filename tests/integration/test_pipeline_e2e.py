@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
 from celery import chain
-from e2e_support import StackFactory, wait_final
+from e2e_support import StackFactory, start_caller_worker, wait_final
 
 from worker.cli.stack import LocalStack
 from worker.deliverable.storage import Storage
@@ -87,14 +85,7 @@ def test_callers_chained_task_runs_once_with_the_result(
     make_stack: StackFactory, redis_db: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     stack = make_stack()
-    caller = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "caller_app", "worker", "-Q", "caller"]
-        + ["--concurrency", "1", "--without-gossip", "--without-mingle", "-n", "caller@%h"],
-        cwd=Path(__file__).parent,
-        env={**stack.env, "REDIS_URL": redis_url},
-        stdout=(tmp_path / "caller.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    caller = start_caller_worker(stack, redis_url, tmp_path / "caller.log")
     try:
         producer = stack.producer
         job_id = "chained0000000000000000000000001"

@@ -8,10 +8,8 @@ import time
 from typing import Any
 
 import pytest
-from job_support import make_runtime
+from job_support import FeedApsis, make_runtime
 
-from worker.apsis.client import Limits
-from worker.apsis.ratelimit import Limit
 from worker.errors import JobIdConflict, StorageError
 from worker.flow import batches, feeder, pipeline, watchdog
 from worker.flow.batch_file import BatchItem
@@ -126,30 +124,11 @@ def test_a_large_batch_is_created_whole_with_each_keys_first_index(rt: Runtime) 
 # -- item 2: the safety net ---------------------------------------------------------------
 
 
-class _Tokens:
-    def get(self) -> str:
-        return "token"
-
-
-class FeedApsis:
-    """What the feeder uses of an APSIS client: its limits, its token and export requests."""
-
-    def __init__(self) -> None:
-        self.limits = Limits(
-            export=Limit(1000, 1.0), download=Limit(1000, 60.0), token=Limit(1000, 60.0)
-        )
-        self.tokens = _Tokens()
-        self.requested: list[str] = []
-
-    def request_export(self, export_key: str, callback_url: str, **kwargs: Any) -> None:
-        self.requested.append(export_key)
-
-
 def test_a_complete_batch_whose_finalize_was_lost_is_finalized_by_the_sweep_once(
     rt: Runtime,
 ) -> None:
     apsis = FeedApsis()
-    rt._clients[rt.settings.APSIS_ACCOUNT] = apsis  # type: ignore[assignment]
+    rt._clients[rt.settings.APSIS_ACCOUNT] = apsis
     account = rt.settings.APSIS_ACCOUNT
     assert batches.create(rt, "B", _items("ann@example.com"), options=ExportOptions(), chain=CHAIN)
     assert feeder.serve(rt, account, lambda *a: None, slice_seconds=1.0) is None

@@ -6,41 +6,26 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-from job_support import runtime_on_fakeredis
+from job_support import clear_settings_env, patch_cli_runtime
+from job_support import run_cli as run
 
-from worker.cli import commands as cli
-from worker.config import Settings, load_settings
 from worker.flow.runtime import Runtime
 
 SECRET = secrets.token_urlsafe(48)
 #: Connecting to port 1 on loopback is refused at once: no wait, no server needed.
 UNREACHABLE_REDIS = "redis://:hunter2@127.0.0.1:1/0"
 
-#: Every variable the settings read; each test starts from a known environment.
-SETTINGS_VARIABLES = tuple(Settings.model_fields)
-
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in SETTINGS_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("STORAGE_URL", "memory:///")
-    monkeypatch.setenv("REDIS_URL", UNREACHABLE_REDIS)
+    clear_settings_env(monkeypatch, redis_url=UNREACHABLE_REDIS)
     yield
 
 
 @pytest.fixture
 def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> Runtime:
     """The CLI's runtime on an in-process fake Redis (no socket)."""
-    runtime = runtime_on_fakeredis(load_settings())
-    monkeypatch.setattr(cli, "build_runtime", lambda settings=None: runtime)
-    return runtime
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return patch_cli_runtime(monkeypatch)
 
 
 def one_line(err: str) -> str:

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from job_support import runtime_on_fakeredis
+from job_support import clear_settings_env, patch_cli_runtime
+from job_support import run_cli as run
 
-from worker.cli import commands as cli
-from worker.config import Settings, load_settings
 from worker.flow import batches, pipeline
 from worker.flow.batch_file import BatchItem
 from worker.flow.runtime import Runtime
@@ -23,27 +22,16 @@ SHOWN = "Export failed\\x1b[2J\\x1b]0;pwned\\x07\\r\\n\\x1b[32mstate     done\\x
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("STORAGE_URL", "memory:///")
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # replaced by fakeredis
+    clear_settings_env(monkeypatch)  # its Redis is replaced by fakeredis
     monkeypatch.setenv("CALLBACK_SECRET", "dGVybWluYWwtZXNjYXBlcy1hcmUtbm90LWZvci10aGUtdHR5")
     yield
 
 
 @pytest.fixture
 def rt(monkeypatch: pytest.MonkeyPatch) -> Runtime:
-    runtime = runtime_on_fakeredis(
-        load_settings(APSIS_CLIENT_ID="id", APSIS_CLIENT_SECRET="Zk8qR2vLx0pW7mN3")
+    return patch_cli_runtime(
+        monkeypatch, APSIS_CLIENT_ID="id", APSIS_CLIENT_SECRET="Zk8qR2vLx0pW7mN3"
     )
-    monkeypatch.setattr(cli, "build_runtime", lambda settings=None: runtime)
-    return runtime
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_harmless(text: str) -> None:

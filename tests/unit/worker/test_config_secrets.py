@@ -7,21 +7,17 @@ anyone forge callbacks. Every process refuses to start instead: one line, exit c
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
+from job_support import ROOT, clear_settings_env, import_celery_app
 
 from worker.cli import commands as cli
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[3]
 SHIPPED_SECRETS: dict[str, str] = yaml.safe_load(
     (ROOT / "deploy" / "k8s" / "secrets.yaml").read_text()
 )["stringData"]
@@ -31,18 +27,11 @@ SHIPPED_PLACEHOLDERS = sorted(
     for name, value in SHIPPED_SECRETS.items()
     if name in Settings.model_fields and value and name != "REDIS_URL"
 )
-#: Every variable the settings read; each test starts from a known environment.
-SETTINGS_VARIABLES = tuple(Settings.model_fields)
-#: Loopback port 1: refused at once, so nothing waits for a Redis that is not there.
-UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in SETTINGS_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("STORAGE_URL", "memory:///")
-    monkeypatch.setenv("REDIS_URL", UNREACHABLE_REDIS)
+    clear_settings_env(monkeypatch)
     yield
 
 
@@ -93,21 +82,7 @@ def test_each_shipped_placeholder_stops_every_command_with_one_line_and_exit_2(
 
 def test_the_celery_worker_refuses_the_shipped_callback_secret_before_starting() -> None:
     """``celery -A worker worker`` reads the settings when worker.queue.app is imported."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES}
-    env |= {
-        "STORAGE_URL": "memory:///",
-        "REDIS_URL": UNREACHABLE_REDIS,
-        "CALLBACK_SECRET": SHIPPED_SECRETS["CALLBACK_SECRET"],
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", "import worker.queue.app"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = import_celery_app(CALLBACK_SECRET=SHIPPED_SECRETS["CALLBACK_SECRET"])
     assert done.returncode == 2, done.stderr
     line = _one_line(done.stderr)
     assert "CALLBACK_SECRET" in line

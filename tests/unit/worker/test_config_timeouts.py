@@ -10,28 +10,19 @@ still runs. The defaults must not allow it, and a setting that does is refused a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from job_support import clear_settings_env, import_celery_app
 
-from worker.config import Settings, load_settings
+from worker.config import load_settings
 from worker.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[3]
-UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("STORAGE_URL", "memory:///")
-    monkeypatch.setenv("REDIS_URL", UNREACHABLE_REDIS)
+    clear_settings_env(monkeypatch)
     yield
 
 
@@ -63,21 +54,7 @@ def test_a_short_visibility_timeout_is_accepted_with_a_short_enough_download_tim
 
 def test_the_celery_worker_refuses_to_start_with_such_a_setting() -> None:
     """``celery -A worker worker`` reads the settings when worker.queue.app is imported."""
-    env = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
-    env |= {
-        "STORAGE_URL": "memory:///",
-        "REDIS_URL": UNREACHABLE_REDIS,
-        "CELERY_VISIBILITY_TIMEOUT": "3600",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", "import worker.queue.app"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = import_celery_app(CELERY_VISIBILITY_TIMEOUT="3600")
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("apsis-export: CELERY_VISIBILITY_TIMEOUT is invalid: ")
     assert "Traceback" not in done.stderr

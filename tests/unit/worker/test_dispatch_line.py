@@ -10,11 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from job_support import make_runtime
+from job_support import FeedApsis, make_runtime
 
-from worker.apsis.client import Limits
-from worker.apsis.ratelimit import Limit
-from worker.errors import ApsisAuthError, RetryableApsisError
+from worker.errors import ApsisAuthError
 from worker.flow import batches, feeder, pipeline, watchdog
 from worker.flow.batch_file import BatchItem
 from worker.flow.runtime import Runtime
@@ -24,30 +22,7 @@ from worker.model.line import DispatchLine
 ACCOUNT = "default"
 
 
-class _Tokens:
-    def get(self) -> str:
-        return "token"
-
-
-class FakeApsis:
-    """What the feeder uses of an APSIS client; records the keys in the order they left."""
-
-    def __init__(self, *, busy_once: set[str] | None = None) -> None:
-        self.limits = Limits(
-            export=Limit(1000, 1.0), download=Limit(1000, 60.0), token=Limit(1000, 60.0)
-        )
-        self.tokens = _Tokens()
-        self.requested: list[str] = []
-        self._busy_once = set(busy_once or ())
-
-    def request_export(self, export_key: str, callback_url: str, **_: Any) -> None:
-        if export_key in self._busy_once:
-            self._busy_once.discard(export_key)
-            raise RetryableApsisError("APSIS answered 429", status=429, retry_after=0.2)
-        self.requested.append(export_key)
-
-
-def _rt(apsis: FakeApsis) -> Runtime:
+def _rt(apsis: FeedApsis) -> Runtime:
     rt = make_runtime(
         CALLBACK_BASE_URL="https://hooks.example.com",
         APSIS_CLIENT_ID="client-id",
@@ -74,7 +49,7 @@ def _serve_all(rt: Runtime, later: list[Any] | None = None) -> None:
 
 
 def test_the_line_is_first_in_first_out_with_urgent_ahead() -> None:
-    apsis = FakeApsis()
+    apsis = FeedApsis()
     rt = _rt(apsis)
     for key in ("s1@x.test", "s2@x.test", "s3@x.test"):
         _single(rt, key)
@@ -92,7 +67,7 @@ def test_the_line_is_first_in_first_out_with_urgent_ahead() -> None:
 
 
 def test_singles_go_first_but_a_running_batch_keeps_one_slot_in_four() -> None:
-    apsis = FakeApsis()
+    apsis = FeedApsis()
     rt = _rt(apsis)
     items = [BatchItem(f"b{n}@x.test") for n in range(6)]
     assert batches.create(rt, "B", items, options=ExportOptions())
@@ -105,7 +80,7 @@ def test_singles_go_first_but_a_running_batch_keeps_one_slot_in_four() -> None:
 
 
 def test_two_batches_share_the_slots_in_turn() -> None:
-    apsis = FakeApsis()
+    apsis = FeedApsis()
     rt = _rt(apsis)
     assert batches.create(
         rt, "A", [BatchItem(f"a{n}@x.test") for n in range(4)], options=ExportOptions()
@@ -121,7 +96,7 @@ def test_two_batches_share_the_slots_in_turn() -> None:
 
 
 def test_a_429_waits_in_line_and_keeps_its_place_no_task_retries() -> None:
-    apsis = FakeApsis(busy_once={"s1@x.test"})
+    apsis = FeedApsis(busy_once={"s1@x.test"})
     rt = _rt(apsis)
     for key in ("s1@x.test", "s2@x.test"):
         _single(rt, key)
@@ -140,7 +115,7 @@ def test_a_429_waits_in_line_and_keeps_its_place_no_task_retries() -> None:
 
 
 def test_a_request_a_dead_feeder_took_comes_back_to_its_place() -> None:
-    rt = _rt(FakeApsis())
+    rt = _rt(FeedApsis())
     line = DispatchLine(rt.redis)
     for key in ("s1@x.test", "s2@x.test"):
         _single(rt, key)
@@ -152,7 +127,7 @@ def test_a_request_a_dead_feeder_took_comes_back_to_its_place() -> None:
 
 
 def test_a_job_waiting_in_line_is_not_a_watchdog_rescue() -> None:
-    rt = _rt(FakeApsis())
+    rt = _rt(FeedApsis())
     _single(rt, "s1@x.test")
     sent: list[Any] = []
     late = rt.jobs.get("s1").created_at + rt.settings.WATCHDOG_STUCK_AFTER + 1
@@ -163,7 +138,7 @@ def test_a_job_waiting_in_line_is_not_a_watchdog_rescue() -> None:
 
 
 def test_status_tells_a_waiting_request_its_place_and_about_when_it_leaves() -> None:
-    rt = _rt(FakeApsis())
+    rt = _rt(FeedApsis())
     for n in range(3):
         _single(rt, f"s{n}@x.test")
     place = feeder.place_of(rt, rt.jobs.get("s2"))
@@ -176,7 +151,7 @@ def test_the_gauges_and_the_status_page_show_the_line() -> None:
     from webhook.status import gather
     from worker.ops.gauges import PoolCollector
 
-    rt = _rt(FakeApsis())
+    rt = _rt(FeedApsis())
     for n in range(3):
         _single(rt, f"s{n}@x.test")
     families = {f.name: f for f in PoolCollector(rt.redis).collect()}
@@ -199,8 +174,8 @@ class _RefusedTokens:
 
 
 def test_when_apsis_refuses_the_token_every_waiting_request_fails_with_the_reason() -> None:
-    apsis = FakeApsis()
-    apsis.tokens = _RefusedTokens()  # type: ignore[assignment]
+    apsis = FeedApsis()
+    apsis.tokens = _RefusedTokens()
     rt = _rt(apsis)
     for key in ("s1@x.test", "s2@x.test"):
         _single(rt, key)

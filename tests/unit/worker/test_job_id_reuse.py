@@ -16,12 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from job_support import make_runtime, runtime_on_fakeredis
+from job_support import FeedApsis, make_runtime, patch_cli_runtime
 
-from worker.apsis.client import Limits
-from worker.apsis.ratelimit import Limit
 from worker.cli import commands as cli
-from worker.config import Settings, load_settings
+from worker.config import Settings
 from worker.errors import InvalidExportKey, JobIdConflict
 from worker.flow import batches, feeder, pipeline
 from worker.flow.batch_file import BatchItem
@@ -89,25 +87,6 @@ def test_a_reused_batch_id_for_another_batch_is_refused() -> None:
 # -- the feeder ---------------------------------------------------------------------------
 
 
-class _Tokens:
-    def get(self) -> str:
-        return "token"
-
-
-class FeedApsis:
-    """What the feeder uses of an APSIS client: its limits, its token and export requests."""
-
-    def __init__(self) -> None:
-        self.limits = Limits(
-            export=Limit(1000, 1.0), download=Limit(1000, 60.0), token=Limit(1000, 60.0)
-        )
-        self.tokens = _Tokens()
-        self.requested: list[str] = []
-
-    def request_export(self, export_key: str, callback_url: str, **kwargs: Any) -> None:
-        self.requested.append(export_key)
-
-
 def test_the_feeder_fails_an_item_whose_job_id_is_taken_once_and_finishes() -> None:
     rt = make_runtime(
         CALLBACK_BASE_URL="https://hooks.example.com",
@@ -166,9 +145,7 @@ def cli_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
     monkeypatch.setenv("CALLBACK_SECRET", SECRET)
     monkeypatch.setenv("APSIS_CLIENT_ID", "id")
     monkeypatch.setenv("APSIS_CLIENT_SECRET", "secret")
-    runtime = runtime_on_fakeredis(load_settings())
-    monkeypatch.setattr(cli, "build_runtime", lambda settings=None: runtime)
-    yield runtime
+    yield patch_cli_runtime(monkeypatch)
 
 
 def _sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
