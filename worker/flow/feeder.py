@@ -288,6 +288,9 @@ def _send(rt: Runtime, account: str, job_id: str, slot_at: float) -> None:
         log.exception("request failed", extra={"job_id": job_id})
         return
     rt.line.sent(account, job_id)
+    # APSIS may call back (a failure code: re-request) before its 202 is recorded here; that
+    # re-request found the job still in line and left it there. Now it is out: place it.
+    pipeline.place_in_line(rt, job_id)
 
 
 def _refuse_account(rt: Runtime, account: str, reason: str, dispatch_later: DispatchLater) -> None:

@@ -43,9 +43,9 @@ def _serve_all(rt: Runtime, later: list[Any] | None = None) -> None:
     """Serve the account the way a feeder thread does, until nothing of it waits."""
     for _ in range(50):
         again = feeder.serve(rt, ACCOUNT, lambda *a: (later or []).append(a))
-        if again is None:
+        if again is None and not any(rt.line.lengths(ACCOUNT).values()):
             return
-        time.sleep(again)
+        time.sleep(again or feeder.FEED_IDLE)
 
 
 def test_the_line_is_first_in_first_out_with_urgent_ahead() -> None:
@@ -188,3 +188,40 @@ def test_when_apsis_refuses_the_token_every_waiting_request_fails_with_the_reaso
         assert job.error is not None and "redirect" in job.error
     assert apsis.requested == []
     assert rt.line.lengths(ACCOUNT) == {"urgent": 0, "single": 0, "batch": 0, "later": 0}
+
+
+class CallsBackAtOnce(FeedApsis):
+    """APSIS sends a failure callback for the first request before its 202 is recorded."""
+
+    def __init__(self, rt_box: list[Runtime]) -> None:
+        super().__init__()
+        self._rt = rt_box
+        self.failed_once = False
+
+    def request_export(self, export_key: str, callback_url: str, **kwargs: Any) -> None:
+        super().request_export(export_key, callback_url, **kwargs)
+        if not self.failed_once:
+            self.failed_once = True
+            rt = self._rt[0]
+            job = rt.jobs.get("s1")
+            # The consumer applies it: a new attempt, whose request goes in line.
+            assert pipeline.rerequest(
+                rt,
+                job,
+                "APSIS reported failure code 500",
+                lambda _n, a: pipeline.place_in_line(rt, a[0]),
+            )
+
+
+def test_a_re_request_that_races_its_own_send_is_not_dropped_from_the_line() -> None:
+    box: list[Runtime] = []
+    apsis = CallsBackAtOnce(box)
+    rt = _rt(apsis)
+    box.append(rt)
+    _single(rt, "s1@x.test")
+
+    _serve_all(rt)
+
+    assert apsis.requested == ["s1@x.test", "s1@x.test"]  # the second attempt was sent too
+    job = rt.jobs.get("s1")
+    assert (job.state, job.attempt) == (State.REQUESTED, 2)
