@@ -190,7 +190,7 @@ def test_when_apsis_refuses_the_token_every_waiting_request_fails_with_the_reaso
     assert rt.line.lengths(ACCOUNT) == {"urgent": 0, "single": 0, "batch": 0, "later": 0}
 
 
-class CallsBackAtOnce(FeedApsis):
+class CallsBackAtOnce(FeedApsis):  # type: ignore[misc]
     """APSIS sends a failure callback for the first request before its 202 is recorded."""
 
     def __init__(self, rt_box: list[Runtime]) -> None:
@@ -204,13 +204,12 @@ class CallsBackAtOnce(FeedApsis):
             self.failed_once = True
             rt = self._rt[0]
             job = rt.jobs.get("s1")
+
             # The consumer applies it: a new attempt, whose request goes in line.
-            assert pipeline.rerequest(
-                rt,
-                job,
-                "APSIS reported failure code 500",
-                lambda _n, a: pipeline.place_in_line(rt, a[0]),
-            )
+            def in_line(_name: str, args: list[Any]) -> None:
+                pipeline.place_in_line(rt, args[0])
+
+            assert pipeline.rerequest(rt, job, "APSIS reported failure code 500", in_line)
 
 
 def test_a_re_request_that_races_its_own_send_is_not_dropped_from_the_line() -> None:
