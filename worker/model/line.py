@@ -87,6 +87,14 @@ return held
 """
 
 
+# KEYS: where, accounts. ARGV: the account. Takes the account off the set of accounts
+# with work if nothing of it is in line.
+_FORGET_IF_IDLE = """
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Place:
     """Where a waiting request stands: its lane, how many wait ahead of it in the line."""
@@ -105,6 +113,7 @@ class DispatchLine:
         self._enqueue = client.register_script(_ENQUEUE)
         self._take = client.register_script(_TAKE)
         self._back = client.register_script(_BACK_TO_PLACE)
+        self._forget = client.register_script(_FORGET_IF_IDLE)
 
     @staticmethod
     def _lanes(account: str) -> list[str]:
@@ -194,9 +203,9 @@ class DispatchLine:
 
     def forget_account_if_idle(self, account: str) -> None:
         """Drop the account from ACCOUNTS_KEY when nothing of it is in line (a new request
-        adds it back)."""
-        if not self._client.hlen(where_key(account)):
-            self._client.srem(ACCOUNTS_KEY, account)
+        adds it back). One script: a request placed between a look and the removal would
+        otherwise wait in a line no feeder looks at."""
+        self._forget(keys=[where_key(account), ACCOUNTS_KEY], args=[account])
 
     def place(self, account: str, job_id: str) -> Place | None:
         """Where ``job_id`` waits, or None if it is not in line (sent, or never placed)."""

@@ -224,3 +224,14 @@ def test_a_re_request_that_races_its_own_send_is_not_dropped_from_the_line() -> 
     assert apsis.requested == ["s1@x.test", "s1@x.test"]  # the second attempt was sent too
     job = rt.jobs.get("s1")
     assert (job.state, job.attempt) == (State.REQUESTED, 2)
+
+
+def test_an_account_leaves_the_feeders_list_only_when_nothing_of_it_waits() -> None:
+    rt = _rt(FeedApsis())
+    _single(rt, "s1@x.test")
+    rt.line.forget_account_if_idle(ACCOUNT)
+    assert rt.line.accounts() == [ACCOUNT]  # s1 waits: the feeders must keep looking
+    assert rt.line.take(ACCOUNT, "single") == "s1"
+    rt.line.sent(ACCOUNT, "s1")
+    rt.line.forget_account_if_idle(ACCOUNT)
+    assert rt.line.accounts() == []
