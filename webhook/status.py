@@ -21,7 +21,7 @@ from webhook.resources import resources
 from worker.model.batch_store import BatchStore
 from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
-from worker.model.line import LANES, DispatchLine
+from worker.model.line import DispatchLine
 from worker.ops.gauges import DUE_SOON_SECONDS
 from worker.telemetry import metrics
 
@@ -130,16 +130,16 @@ def gather(client: Any, now: float) -> dict[str, Any]:
             }
         )
 
-    line = DispatchLine(client)
-    lines = []
-    for account in line.accounts():
-        for lane, waiting in line.lengths(account).items():
-            since = line.oldest_since(account, lane) if lane in LANES else None
-            if waiting:
-                oldest_in_lane = _ago(now - since) if since else ""
-                lines.append(
-                    {"account": account, "lane": lane, "waiting": waiting, "oldest": oldest_in_lane}
-                )
+    lines = [
+        {
+            "account": row.account,
+            "lane": row.lane,
+            "waiting": row.waiting,
+            "oldest": _ago(now - row.oldest_since) if row.oldest_since else "",
+        }
+        for row in DispatchLine(client).summary()
+        if row.waiting
+    ]
 
     inbox = Inbox(client)
     oldest = jobs.oldest_waiting()

@@ -184,7 +184,7 @@ def request(rt: Runtime, job_id: str, *, slot_at: float | None = None) -> None:
     job = rt.jobs.get(job_id)
     if job.state != State.QUEUED:
         return  # already requested (a redelivered task) or finished
-    if job.batch_id and rt.redis.hget(f"apsis:batch:{job.batch_id}", "state") == b"cancelled":
+    if rt.batches.is_cancelled(job.batch_id):
         fail(rt, job_id, "batch cancelled before the export was requested")
         return
     if reason := unknown_account(rt, job):

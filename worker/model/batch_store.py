@@ -286,8 +286,3 @@ class BatchStore:
         """Why item ``index`` got no job of its own, if it was refused."""
         raw = self._client.hget(refused_key(batch_id), str(index))
         return raw.decode() if raw is not None else None  # type: ignore[union-attr]
-
-    def linked_to(self, batch_id: str, index: int) -> str | None:
-        """The finished job holding item ``index`` as a merged profile, if any."""
-        raw = self._client.hget(linked_key(batch_id), str(index))
-        return raw.decode() if raw is not None else None  # type: ignore[union-attr]

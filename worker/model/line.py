@@ -96,6 +96,18 @@ return 0
 
 
 @dataclass(frozen=True)
+class LaneCount:
+    """One lane of one account's line: how many wait, and since when the first one does."""
+
+    account: str
+    lane: str
+    waiting: int
+    #: When the lane's first request joined the line (unix seconds); None: empty, or
+    #: ``later`` (its requests are ordered by when their retry is due, not by arrival).
+    oldest_since: float | None
+
+
+@dataclass(frozen=True)
 class Place:
     """Where a waiting request stands: its lane, how many wait ahead of it in the line."""
 
@@ -152,12 +164,22 @@ class DispatchLine:
         counts = pipe.execute()
         return {**dict(zip(LANES, map(int, counts), strict=False)), "later": int(counts[-1])}
 
-    def oldest_since(self, account: str, lane: str) -> float | None:
-        """When the lane's first request joined the line (unix seconds), if any waits."""
-        first: list[tuple[bytes, float]] = self._client.zrange(  # type: ignore[assignment]
-            lane_key(account, lane), 0, 0, withscores=True
-        )
-        return float(first[0][1]) if first else None
+    def summary(self) -> list[LaneCount]:
+        """Every account's lanes (and ``later``): what the gauges and the status page show."""
+        found = []
+        for account in self.accounts():
+            pipe = self._client.pipeline(transaction=False)
+            for lane in LANES:
+                pipe.zcard(lane_key(account, lane))
+                pipe.zrange(lane_key(account, lane), 0, 0, withscores=True)
+            pipe.zcard(later_key(account))
+            answers = pipe.execute()
+            for n, lane in enumerate(LANES):
+                first = answers[2 * n + 1]
+                since = float(first[0][1]) if first else None
+                found.append(LaneCount(account, lane, int(answers[2 * n]), since))
+            found.append(LaneCount(account, "later", int(answers[-1]), None))
+        return found
 
     def take(self, account: str, lane: str, now: float | None = None) -> str | None:
         """The lane's first request, moved to ``taken``; None if the lane is empty."""

@@ -122,12 +122,11 @@ class PoolCollector(Collector):
             "Age of the request that has waited longest in a lane (0: the lane is empty).",
             labels=["account", "lane"],
         )
-        for account in line.accounts():
-            for lane, count in line.lengths(account).items():
-                waiting.add_metric([account, lane], count)
-            for lane in LANES:
-                since = line.oldest_since(account, lane)
-                oldest.add_metric([account, lane], max(now - since, 0.0) if since else 0.0)
+        for row in line.summary():
+            waiting.add_metric([row.account, row.lane], row.waiting)
+            if row.lane in LANES:
+                since = row.oldest_since
+                oldest.add_metric([row.account, row.lane], max(now - since, 0.0) if since else 0.0)
         yield waiting
         yield oldest
 
