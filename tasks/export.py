@@ -102,18 +102,20 @@ def request_export(job_id: str) -> None:
     pipeline.place_in_line(get_runtime(), job_id)
 
 
-# max_retries=None on the task: retries are bounded by the job's own budget (the pipeline
-# counts them on the job record and fails the job when it is spent), never by Celery's
-# default of 3 (None passed to retry() itself would mean that default).
-@shared_task(name="apsis.fetch_export", bind=True, max_retries=None)
+@shared_task(name="apsis.fetch_export")
 @requeue_when_redis_is_down
-def fetch_export(self: Task[Any, Any], job_id: str) -> None:
-    """Download, split and store a ready job; then resume the caller's chain."""
+def fetch_export(job_id: str, slot_at: float | None = None) -> None:
+    """Download (at ``slot_at``, the slot the download line reserved), split and store a
+    ready job; then resume the caller's chain. "Not now" (APSIS 429/5xx, a storage error, a
+    missed slot) puts the job back in the download line until its retry is due: no Celery
+    retry, so nothing is bounded by Celery's retry default; the job's own retry budget
+    (counted on its record) is the only limit."""
     rt = get_runtime()
     try:
-        pipeline.fetch_and_store(rt, job_id, send_task)
+        pipeline.fetch_and_store(rt, job_id, send_task, slot_at=slot_at)
     except pipeline.RetryLater as later:
-        raise self.retry(countdown=later.delay) from None
+        pipeline.download_later(rt, job_id, later.delay)
+        return
     pipeline.resume_caller_chain(rt, job_id, send_chain)
 
 

@@ -21,7 +21,7 @@ from webhook.resources import resources
 from worker.model.batch_store import BatchStore
 from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
-from worker.model.line import DispatchLine
+from worker.model.line import FETCH_PREFIX, PREFIX, DispatchLine
 from worker.ops.gauges import DUE_SOON_SECONDS
 from worker.telemetry import metrics
 
@@ -132,12 +132,14 @@ def gather(client: Any, now: float) -> dict[str, Any]:
 
     lines = [
         {
+            "line": name,
             "account": row.account,
             "lane": row.lane,
             "waiting": row.waiting,
             "oldest": _ago(now - row.oldest_since) if row.oldest_since else "",
         }
-        for row in DispatchLine(client).summary()
+        for name, prefix in (("requests", PREFIX), ("downloads", FETCH_PREFIX))
+        for row in DispatchLine(client, prefix=prefix).summary()
         if row.waiting
     ]
 

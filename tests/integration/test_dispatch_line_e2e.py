@@ -30,9 +30,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 SCALE = int(os.environ.get("APSIS_TEST_SCALE", "10"))
 
 
-def _stack(make_stack: StackFactory, *, scale: int, workers: int = 2) -> LocalStack:
-    """APSIS's documented limits (1 export/s, 60 downloads/min, 10 tokens/min) x ``scale``."""
-    export, download, token = 1 * scale, 60 * scale, 10 * scale
+def _stack(
+    make_stack: StackFactory, *, scale: int, workers: int = 2, exports_per_second: int = 1
+) -> LocalStack:
+    """APSIS's documented limits (1 export/s, 60 downloads/min, 10 tokens/min) x ``scale``;
+    ``exports_per_second`` replaces the documented 1 export/s."""
+    export, download, token = exports_per_second * scale, 60 * scale, 10 * scale
     stack = make_stack(
         workers=workers,
         concurrency=2,
@@ -54,6 +57,15 @@ def _stack(make_stack: StackFactory, *, scale: int, workers: int = 2) -> LocalSt
 def watchdog_rescues(log_dir: Path) -> list[dict[str, Any]]:
     """Every sweep that acted (re-requested, re-dispatched, failed or resumed anything)."""
     return log_events(log_dir, "watchdog")
+
+
+def _task_runs(log_dir: Path, name: str) -> int:
+    """How many times the workers received a task of this name (each retry is one more)."""
+    return sum(
+        line.count(f"Task {name}[") and line.count("received")
+        for path in log_dir.glob("worker-*.log")
+        for line in path.read_text(errors="replace").splitlines()
+    )
 
 
 def _rate(stamps: list[float]) -> float:
@@ -148,3 +160,44 @@ def test_singles_sent_during_a_long_batch_leave_within_ten_slots(
     assert len(waited) == 5
     assert max(waited.values()) <= 10 * slot
     assert watchdog_rescues(stack.log_dir) == []
+
+
+def test_a_batch_whose_requests_outpace_the_download_limit_downloads_at_it(
+    make_stack: StackFactory, redis_db: redis.Redis
+) -> None:
+    """Export requests at 5x the download rate (APSIS_EXPORT_RATE=5 against the documented
+    60 downloads/min, both x scale): ready exports pile up faster than they may be fetched.
+    They wait in the download line and leave at its rate; none is lost to a retry limit,
+    none is rescued by the watchdog, APSIS never answers 429 to a download."""
+    scale = max(SCALE // 5, 1)  # downloads slow enough (2/s in `make test`) to pile up
+    stack = _stack(make_stack, scale=scale, exports_per_second=5)
+    export, download = 5 * scale, 60 * scale
+    total = 45
+    keys = [f"outpace-{n:02d}@example.com" for n in range(total)]
+    stack.producer.send_task(
+        "apsis.export_batch",
+        args=[keys],
+        kwargs={"batch_id": "outpace", "include_merged_profiles": False, "max_in_flight": total},
+        queue="apsis",
+    )
+    timeout = 60 + 2 * total * 60 / download
+    jobs = wait_final(JobStore(redis_db), [f"outpace.{n}" for n in range(total)], timeout=timeout)
+
+    assert Counter(job.state for job in jobs) == {State.DONE: total}
+    downloads = [e for e in stack.journal() if e["kind"] == "download"]
+    refused = [e for e in downloads if e["status"] == 429]
+    fetched = Counter(e["path"] for e in downloads if e["status"] == 200)
+    achieved = _rate([e["ts"] for e in downloads if e["status"] == 200][5:])
+    rescues = watchdog_rescues(stack.log_dir)
+    runs = _task_runs(stack.log_dir, "apsis.fetch_export")
+    print(
+        f"\n{total} exports requested at {export}/s, downloaded at {achieved * 60:.1f}/min of "
+        f"{download} allowed ({100 * achieved * 60 / download:.1f}%); download 429s: "
+        f"{len(refused)}; fetch task runs: {runs}; watchdog rescues: {len(rescues)}"
+    )
+    # Waiting for a download slot happens in the line, not in a herd of retrying tasks.
+    assert runs <= total + 2
+    assert refused == []
+    assert len(fetched) == total and set(fetched.values()) == {1}  # each file fetched once
+    assert achieved * 60 <= download
+    assert rescues == []

@@ -392,16 +392,32 @@ class ApsisClient:
         self._policy.check(url)
 
     def download(
-        self, url: str, to_file: BinaryIO, *, max_bytes: int, timeout: float
+        self,
+        url: str,
+        to_file: BinaryIO,
+        *,
+        max_bytes: int,
+        timeout: float,
+        send_at: float | None = None,
     ) -> Downloaded:
         """Stream the export file into ``to_file`` while hashing it; never held in memory.
 
+        ``send_at`` (unix time): the download slot the caller reserved; the request leaves
+        then. A slot missed by more than ``max_lateness`` (the fetch waited for a worker) is
+        replaced by a new one from the limiter. None: take a slot from the limiter now.
         Raises DownloadRefused before sending anything if the URL is not APSIS's,
         DownloadTooLarge past ``max_bytes``, RetryableApsisError while the file is not ready
-        or APSIS fails, PermanentApsisError (410) once the link has expired.
+        or APSIS fails, PermanentApsisError (410) once the link has expired, RateLimited
+        when no slot is free soon.
         """
         self._policy.check(url)
-        self._pace("download", self._limits.download)
+        if send_at is None:
+            self._pace("download", self._limits.download)
+        else:
+            self.tokens.get()  # a token fetch must not make this download late
+            time.sleep(max(0.0, send_at - time.time()))
+            if time.time() - send_at > max_lateness(self._limits.download):
+                self._pace("download", self._limits.download)
 
         def send(token: str) -> requests.Response:
             return metrics.timed_apsis_call(

@@ -42,6 +42,7 @@ from worker.model.batch_store import (
 )
 from worker.model.jobs import Job, State
 from worker.model.lease import JobLease, LeaseBusy
+from worker.model.line import LANES, DispatchLine
 
 log = logging.getLogger("apsis.feeder")
 
@@ -60,6 +61,10 @@ SINGLES_PER_BATCH_SLOT = 3
 #: A request taken from the line and not sent within this many seconds was lost with its
 #: feeder (its node died): it goes back to its place.
 TAKEN_STALE = 30.0
+#: A fetch dispatched and not begun within this many seconds was lost (its message went
+#: with a node that died, or the pool is that busy): it goes back to its place. A second
+#: copy of a fetch that was only slow to start ends at once (the job's lease or state).
+FETCH_TAKEN_STALE = 60.0
 
 # KEYS: the batch, its refused hash. ARGV: the item's index, the reason. Counts the item as
 # submitted and failed, once: 1 the first time, 0 after.
@@ -319,6 +324,87 @@ def refuse_item(rt: Runtime, batch_id: str, index: int, dispatch_later: Dispatch
         dispatch_later(FINALIZE_TASK, [batch_id], 0.0)
 
 
+def serve_downloads(
+    rt: Runtime,
+    account: str,
+    dispatch_later: DispatchLater,
+    state: _Account | None = None,
+    *,
+    slice_seconds: float = FEED_SLICE,
+) -> float | None:
+    """Dispatch the account's waiting fetches at their download slots, for a slice: urgent
+    first, then singles, then batch items (with the same guaranteed share as requests).
+
+    A fetch is dispatched with its slot's time and downloads then; at most ``FETCH_AHEAD``
+    are dispatched and not yet begun, so a busy pool leaves the rest waiting here, in order,
+    rather than in the broker's queue. Returns as ``serve`` does."""
+    try:
+        with JobLease(rt.redis, f"download-{account}"):
+            return _serve_downloads(rt, account, dispatch_later, state or _Account(), slice_seconds)
+    except LeaseBusy:
+        return None
+
+
+def _serve_downloads(
+    rt: Runtime,
+    account: str,
+    dispatch_later: DispatchLater,
+    state: _Account,
+    slice_seconds: float,
+) -> float | None:
+    started = time.monotonic()
+    line = rt.fetches
+    recovered = line.recover_taken(account, time.time() - FETCH_TAKEN_STALE)
+    if recovered:
+        log.warning(
+            "fetches dispatched and never begun are back in line",
+            extra={"reason": f"{len(recovered)} fetch(es)", "event": "line_recovered"},
+        )
+    try:
+        limit = rt.apsis_for(account).limits.download
+    except ConfigError as exc:
+        for each in LANES:
+            while (job_id := line.take(account, each)) is not None:
+                pipeline.fail(rt, job_id, f"cannot fetch the export: {exc}")
+                line.sent(account, job_id)
+        line.forget_account_if_idle(account)
+        return None
+
+    def dispatch(name: str, args: list[Any]) -> None:
+        dispatch_later(name, args, 0.0)
+
+    while time.monotonic() - started < slice_seconds:
+        line.promote_due(account)
+        if line.taken_count(account) >= pipeline.FETCH_AHEAD:
+            return FEED_IDLE  # the pool is busy: the next fetch waits here, in order
+        lane = _pick_lane(line, account, state)
+        if lane is None:
+            due = line.next_retry_at(account)
+            if due is not None:
+                return max(0.05, min(due - time.time(), FEED_IDLE))
+            line.forget_account_if_idle(account)
+            return None
+        slot = rt.limiter.acquire(account, "download", limit, max_wait=FEED_MAX_WAIT)
+        if not slot.granted:
+            return slot.wait
+        if pipeline.dispatch_fetch(rt, account, lane, slot.wait, dispatch):
+            time.sleep(slot.wait)  # the next slot is reserved only when this one is due
+    return 0.0
+
+
+def _pick_lane(line: DispatchLine, account: str, state: _Account) -> str | None:
+    """Urgent, then singles; batch items get one slot in SINGLES_PER_BATCH_SLOT + 1."""
+    if line.waiting(account, "urgent"):
+        return "urgent"
+    singles = line.waiting(account, "single") > 0
+    batches_wait = line.waiting(account, "batch") > 0
+    if singles and (not batches_wait or state.singles_in_a_row < SINGLES_PER_BATCH_SLOT):
+        state.singles_in_a_row += 1
+        return "single"
+    state.singles_in_a_row = 0
+    return "batch" if batches_wait else None
+
+
 def place_of(rt: Runtime, job: Job) -> dict[str, Any] | None:
     """Where a queued job's request waits, and about when it leaves (None: not in line).
 
@@ -353,11 +439,20 @@ def accounts_with_work(rt: Runtime) -> list[str]:
 
 
 class Feeder:
-    """The feeder thread of one worker node: serves every account whose lease it gets."""
+    """A feeder thread of one worker node: serves every account whose lease it gets, on one
+    road: export requests (``serve``) or, with ``downloads``, fetches (``serve_downloads``).
+    Each node runs one of each, so a long request slice never delays a download."""
 
-    def __init__(self, runtime: Callable[[], Runtime], dispatch_later: DispatchLater) -> None:
+    def __init__(
+        self,
+        runtime: Callable[[], Runtime],
+        dispatch_later: DispatchLater,
+        *,
+        downloads: bool = False,
+    ) -> None:
         self._runtime = runtime
         self._dispatch_later = dispatch_later
+        self._downloads = downloads
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._not_before: dict[str, float] = {}
@@ -367,11 +462,13 @@ class Feeder:
         """Serve each account that is due; True if any was served."""
         rt = self._runtime()
         served = False
-        for account in accounts_with_work(rt):
+        accounts = rt.fetches.accounts() if self._downloads else accounts_with_work(rt)
+        serve_one = serve_downloads if self._downloads else serve
+        for account in accounts:
             if self._stop.is_set() or self._not_before.get(account, 0.0) > time.monotonic():
                 continue
             state = self._accounts.setdefault(account, _Account())
-            again = serve(rt, account, self._dispatch_later, state)
+            again = serve_one(rt, account, self._dispatch_later, state)
             if again is None:
                 self._not_before[account] = time.monotonic() + FEED_IDLE
             else:
@@ -389,7 +486,8 @@ class Feeder:
                 self._stop.wait(1.0)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="apsis-feeder", daemon=True)
+        name = "apsis-download-feeder" if self._downloads else "apsis-feeder"
+        self._thread = threading.Thread(target=self.run, name=name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -21,6 +21,7 @@ from worker.deliverable import manifest, report
 from worker.deliverable.export_file import SplitResult, split_export
 from worker.errors import (
     ApsisAuthError,
+    ConfigError,
     CorruptExport,
     DownloadError,
     DownloadRefused,
@@ -57,6 +58,13 @@ REQUEST_TASK = "apsis.request_export"
 RECORD_FAILURE_TASK = "apsis.record_failure"
 
 Dispatch = Callable[[str, list[Any]], None]
+
+#: Fetches of one account dispatched and not yet begun before the download feeder waits:
+#: enough to keep downloads going back to back, few enough that a busy pool does not collect
+#: fetches whose download slots have passed (the line keeps the rest, in order).
+FETCH_AHEAD = 2
+#: Seconds a fetch may wait for its slot when it is dispatched at once (nothing in line).
+FETCH_FAST_WAIT = 1.0
 
 
 class RetryLater(Exception):
@@ -149,6 +157,44 @@ def place_in_line(rt: Runtime, job_id: str) -> bool:
     if placed:
         log.info("request in line", extra={"job_id": job_id, "state": lane_of(job)})
     return placed
+
+
+def to_download(rt: Runtime, job: Job, dispatch: Dispatch) -> None:
+    """Put a ready job on the download road: its account's download line, served at the
+    account's download limit by the feeders (``worker.flow.feeder``), singles ahead of batch
+    items. When nothing else of the account is in that line, the fetch takes its slot here
+    and is dispatched at once, so a lone export resumes within milliseconds."""
+    account = job.account or rt.settings.APSIS_ACCOUNT
+    lane = lane_of(job)
+    if rt.fetches.join(account, job.job_id, lane) == "alone":
+        try:
+            limit = rt.apsis_for(account).limits.download
+        except ConfigError:
+            return  # the feeder fails it with the reason
+        slot = rt.limiter.acquire(account, "download", limit, max_wait=FETCH_FAST_WAIT)
+        if slot.granted:
+            dispatch_fetch(rt, account, lane, slot.wait, dispatch)
+
+
+def dispatch_fetch(rt: Runtime, account: str, lane: str, wait: float, dispatch: Dispatch) -> bool:
+    """Dispatch the first fetch of ``lane`` with the download slot reserved for it, ``wait``
+    seconds away; it stays on record as taken until it begins. False: the lane was empty
+    (another dispatcher took it; the slot goes unused, once)."""
+    job_id = rt.fetches.take(account, lane)
+    if job_id is None:
+        return False
+    dispatch(FETCH_TASK, [job_id, time.time() + wait])
+    return True
+
+
+def download_later(rt: Runtime, job_id: str, delay: float) -> None:
+    """A fetch told "not now" (its slot passed, APSIS answered 429/5xx, storage failed): it
+    waits ``delay`` s out of the way, then joins the back of its download lane."""
+    job = rt.jobs.find(job_id)
+    if job is None or job.state != State.READY:
+        return
+    account = job.account or rt.settings.APSIS_ACCOUNT
+    rt.fetches.wait_until(account, job_id, lane_of(job), time.time() + delay)
 
 
 def callback_url(rt: Runtime, job: Job) -> str:
@@ -286,8 +332,11 @@ def apply_callback(rt: Runtime, callback: Callback, dispatch: Dispatch) -> str:
         # ready and the consumer died before dispatching (send the fetch again), or it is
         # a repeat (nothing to do).
         if job.state == State.READY and job.ready_entry == callback.entry_id:
-            dispatch(FETCH_TASK, [job.job_id])
-            log.info("export ready; fetch dispatched again", extra=ctx)
+            # Its place in the download line may be a dispatch that never left: place it
+            # again (a second copy of a fetch that did leave ends at once: lease, state).
+            rt.fetches.sent(job.account or rt.settings.APSIS_ACCOUNT, job.job_id)
+            to_download(rt, job, dispatch)
+            log.info("export ready; on the download road again", extra=ctx)
             return "ready"
         return "duplicate"
     # Any other code is APSIS reporting a failure. Its message is APSIS's free text, which
@@ -334,9 +383,9 @@ def _ready_fast(rt: Runtime, callback: Callback, dispatch: Dispatch) -> bool:
         },
     )
     if applied:
-        dispatch(FETCH_TASK, [callback.job_id])
+        to_download(rt, rt.jobs.get(callback.job_id), dispatch)
         extra = {"job_id": callback.job_id, "code": 200, "attempt": callback.attempt}
-        log.info("export ready; fetch dispatched", extra=extra)
+        log.info("export ready; on the download road", extra=extra)
     return applied
 
 
@@ -433,14 +482,21 @@ class Result:
         }
 
 
-def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | None:
+def fetch_and_store(
+    rt: Runtime, job_id: str, dispatch: Dispatch, *, slot_at: float | None = None
+) -> Result | None:
     """Download, verify, split and store a ready job, manifest last; None if nothing to do.
 
-    Every object path derives from the job id, so a re-run rewrites the same objects. A
-    lease keeps a redelivered copy of this task from downloading the same file at once.
+    ``slot_at``: the download slot (unix time) the download line reserved for this fetch;
+    None: take one from the limiter now. Every object path derives from the job id, so a
+    re-run rewrites the same objects. A lease keeps a second copy of this task from
+    downloading the same file at once; that copy ends (if the holder dies, the sweep puts
+    the job back on the download road within LEASE_SECONDS + WATCHDOG_INTERVAL).
     """
     started_at = time.time()
     job = rt.jobs.get(job_id)
+    # Begun: out of the download line (where a dispatched fetch is kept until it begins).
+    rt.fetches.sent(job.account or rt.settings.APSIS_ACCOUNT, job_id)
     if job.state == State.DONE:
         return _result(job)
     if job.state != State.READY or not job.download_url:
@@ -459,9 +515,10 @@ def fetch_and_store(rt: Runtime, job_id: str, dispatch: Dispatch) -> Result | No
             job = rt.jobs.get(job_id)
             if job.state != State.READY or not job.download_url:
                 return _result(job) if job.state == State.DONE else None
-            return _fetch_and_store(rt, job, Path(tmp), dispatch, lease.progress)
-    except LeaseBusy as busy:
-        raise RetryLater(busy.retry_after + 1, str(busy)) from None
+            return _fetch_and_store(rt, job, Path(tmp), dispatch, lease.progress, slot_at=slot_at)
+    except LeaseBusy:
+        log.info("fetch already under way elsewhere; this copy ends", extra={"job_id": job_id})
+        return None
 
 
 class _ReportingWriter:
@@ -482,6 +539,8 @@ def _fetch_and_store(
     tmp: Path,
     dispatch: Dispatch,
     progress: Callable[[], None] = lambda: None,
+    *,
+    slot_at: float | None = None,
 ) -> Result | None:
     """``progress()`` is called as the step moves on: each chunk downloaded or uploaded,
     each part done (the job's lease is renewed only while it is)."""
@@ -503,6 +562,7 @@ def _fetch_and_store(
                 cast(BinaryIO, _ReportingWriter(out, progress)),
                 max_bytes=s.DOWNLOAD_MAX_BYTES,
                 timeout=s.DOWNLOAD_TIMEOUT,
+                send_at=slot_at,
             )
         progress()
         split = split_export(source, tmp / "split", requested_key=job.export_key)
@@ -518,8 +578,9 @@ def _fetch_and_store(
         fail(rt, job_id, str(exc))
         return None
     except RateLimited as exc:
-        # Our own download limiter said "not yet": not a failure, not counted. Say when it
-        # runs again, so the sweep does not take the waiting fetch for an orphaned one.
+        # Its download slot passed while it waited for a worker, and no new one is free
+        # soon: not a failure, not counted; back in the download line. Say when it runs
+        # again, so the sweep does not take the waiting fetch for an orphaned one.
         delay = exc.retry_after or 0.1
         rt.jobs.update(job.job_id, {"retry_at": time.time() + delay})
         raise RetryLater(delay, str(exc)) from None

@@ -22,7 +22,7 @@ from worker.model import purpose
 from worker.model.batch_store import BatchStore
 from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
-from worker.model.line import DispatchLine
+from worker.model.line import FETCH_PREFIX, DispatchLine
 from worker.telemetry.logs import key_ref
 
 #: Seconds a Redis command may take before the call fails (and the task retries).
@@ -68,6 +68,8 @@ class Runtime:
     storage: Storage
     batches: BatchStore
     line: DispatchLine
+    #: The download line: ready jobs waiting for a download slot.
+    fetches: DispatchLine
     #: Sends one of our tasks by name (set in worker processes; unit tests pass their own).
     dispatch: Callable[[str, list[Any]], None] | None = None
     _clients: dict[str, ApsisClient] = field(default_factory=dict, repr=False)
@@ -122,6 +124,7 @@ def runtime_on(settings: Settings, client: redis.Redis, storage: Storage) -> Run
         storage=storage,
         batches=BatchStore(client, jobs),
         line=DispatchLine(client),
+        fetches=DispatchLine(client, prefix=FETCH_PREFIX),
     )
 
 

@@ -99,7 +99,10 @@ def sweep(
             continue  # its fetch was told to retry later: not orphaned
         if JobLease(rt.redis, job_id).held_elsewhere():
             continue
-        dispatch(pipeline.FETCH_TASK, [job_id])
+        account = job.account or rt.settings.APSIS_ACCOUNT
+        if rt.fetches.place(account, job_id) is not None:
+            continue  # back in the download line already (a retry became due)
+        pipeline.to_download(rt, job, dispatch)
         report.redispatched.append(job_id)
         rt.jobs.touch(job_id, now)
         log.warning(
@@ -115,16 +118,18 @@ def sweep(
             continue  # a retry is scheduled; not stuck
         if JobLease(rt.redis, job_id).held_elsewhere():
             continue  # a live worker is on it
-        if job.state == State.QUEUED and rt.line.place(
-            job.account or rt.settings.APSIS_ACCOUNT, job_id
-        ):
+        account = job.account or rt.settings.APSIS_ACCOUNT
+        waiting = (job.state == State.QUEUED and rt.line.place(account, job_id)) or (
+            job.state == State.READY and rt.fetches.place(account, job_id)
+        )
+        if waiting:
             rt.jobs.touch(job_id, now)
-            continue  # waiting in its account's dispatch line: not stuck
+            continue  # waiting in its account's request or download line: not stuck
         if job.state == State.QUEUED:
             dispatch(pipeline.REQUEST_TASK, [job_id])
             report.redispatched.append(job_id)
         elif job.state == State.READY:
-            dispatch(pipeline.FETCH_TASK, [job_id])
+            pipeline.to_download(rt, job, dispatch)
             report.redispatched.append(job_id)
         elif job.state == State.DONE and pipeline.resume_caller_chain(rt, job_id, send_chain):
             report.chains_resumed.append(job_id)

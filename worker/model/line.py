@@ -25,35 +25,55 @@ PREFIX = "apsis:line"
 ACCOUNTS_KEY = f"{PREFIX}:accounts"
 
 
-def lane_key(account: str, lane: str) -> str:
-    return f"{PREFIX}:{account}:{lane}"
+#: The download line: ready jobs waiting for a download slot (same lanes, same rules).
+FETCH_PREFIX = "apsis:fetchline"
 
 
-def later_key(account: str) -> str:
+def lane_key(account: str, lane: str, prefix: str = PREFIX) -> str:
+    return f"{prefix}:{account}:{lane}"
+
+
+def later_key(account: str, prefix: str = PREFIX) -> str:
     """Requests waiting for a retry: job id -> the time it is due (unix seconds)."""
-    return f"{PREFIX}:{account}:later"
+    return f"{prefix}:{account}:later"
 
 
-def taken_key(account: str) -> str:
+def taken_key(account: str, prefix: str = PREFIX) -> str:
     """Requests a dispatcher took and has not sent yet: job id -> when it took it."""
-    return f"{PREFIX}:{account}:taken"
+    return f"{prefix}:{account}:taken"
 
 
-def where_key(account: str) -> str:
+def where_key(account: str, prefix: str = PREFIX) -> str:
     """Hash: job id -> "<lane>:<since>", its lane and when it joined the line (unix seconds,
     Redis's clock): its place, kept while it is in line."""
-    return f"{PREFIX}:{account}:where"
+    return f"{prefix}:{account}:where"
 
 
 # KEYS: the lane, where, accounts. ARGV: job id, lane, account. Adds the job at the back of
 # its lane (scored by Redis's clock: first in, first out across every node) unless it is in
-# line already (in any lane, later or taken): 1 if added.
+# line already (in any lane, later or taken): 0 if it was, 2 if added to an empty line (the
+# account had nothing else in line), 1 if added behind others.
 _ENQUEUE = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local alone = redis.call('HLEN', KEYS[2]) == 0
 local t = redis.call('TIME')
 local since = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZADD', KEYS[1], since, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. string.format('%.6f', since))
+redis.call('SADD', KEYS[3], ARGV[3])
+if alone then return 2 end
+return 1
+"""
+
+# KEYS: later, where, accounts. ARGV: job id, lane, account, due. A request out of line
+# (a fetch that began, then was told "not now") waits in ``later`` until ``due``, then joins
+# its lane with its place taken now; nothing if it is in line already.
+_LATER = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+local since = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. string.format('%.6f', since))
+redis.call('ZADD', KEYS[1], tonumber(ARGV[4]), ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[3])
 return 1
 """
@@ -118,49 +138,80 @@ class Place:
 
 
 class DispatchLine:
-    """The per-account lines on one Redis client."""
+    """The per-account lines on one Redis client: the request line (``PREFIX``), or the
+    download line (``FETCH_PREFIX``)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str = PREFIX) -> None:
         self._client = client
+        self.prefix = prefix
+        self._accounts_key = f"{prefix}:accounts"
         self._enqueue = client.register_script(_ENQUEUE)
         self._take = client.register_script(_TAKE)
         self._back = client.register_script(_BACK_TO_PLACE)
         self._forget = client.register_script(_FORGET_IF_IDLE)
+        self._later_script = client.register_script(_LATER)
 
-    @staticmethod
-    def _lanes(account: str) -> list[str]:
-        return [lane_key(account, lane) for lane in LANES]
+    def _lane(self, account: str, lane: str) -> str:
+        return lane_key(account, lane, self.prefix)
+
+    def _where(self, account: str) -> str:
+        return where_key(account, self.prefix)
+
+    def _taken(self, account: str) -> str:
+        return taken_key(account, self.prefix)
+
+    def _later(self, account: str) -> str:
+        return later_key(account, self.prefix)
+
+    def _lanes(self, account: str) -> list[str]:
+        return [self._lane(account, lane) for lane in LANES]
 
     def enqueue(self, account: str, job_id: str, lane: str = "single") -> bool:
         """Put a request at the back of its lane; False if it is in line already."""
+        return self.join(account, job_id, lane) != "present"
+
+    def join(self, account: str, job_id: str, lane: str = "single") -> str:
+        """Put a request at the back of its lane: "alone" if nothing else of the account is
+        in line, "behind" if others are, "present" if it was in line already."""
         if lane not in LANES:
             raise ValueError(f"unknown lane {lane!r}")
-        keys = [lane_key(account, lane), where_key(account), ACCOUNTS_KEY]
-        return bool(self._enqueue(keys=keys, args=[job_id, lane, account]))
+        keys = [self._lane(account, lane), self._where(account), self._accounts_key]
+        answer = int(self._enqueue(keys=keys, args=[job_id, lane, account]))
+        return {0: "present", 1: "behind", 2: "alone"}[answer]
+
+    def wait_until(self, account: str, job_id: str, lane: str, due: float) -> bool:
+        """A request out of line waits until ``due``, then joins the back of its lane;
+        False if it is in line already."""
+        keys = [self._later(account), self._where(account), self._accounts_key]
+        return bool(self._later_script(keys=keys, args=[job_id, lane, account, due]))
+
+    def taken_count(self, account: str) -> int:
+        """Requests taken and not yet sent (for downloads: dispatched, not yet begun)."""
+        return int(self._client.zcard(self._taken(account)))
 
     def hold(self, account: str, job_id: str, lane: str, now: float | None = None) -> None:
         """Record a request the dispatcher made and sends now (a new batch item) as taken,
         so it comes back to its lane if the dispatcher dies before sending it."""
         now = time.time() if now is None else now
         pipe = self._client.pipeline(transaction=True)
-        pipe.hset(where_key(account), job_id, f"{lane}:{now:.6f}")
-        pipe.zadd(taken_key(account), {job_id: now})
-        pipe.sadd(ACCOUNTS_KEY, account)
+        pipe.hset(self._where(account), job_id, f"{lane}:{now:.6f}")
+        pipe.zadd(self._taken(account), {job_id: now})
+        pipe.sadd(self._accounts_key, account)
         pipe.execute()
 
     def accounts(self) -> list[str]:
-        raw: set[bytes] = self._client.smembers(ACCOUNTS_KEY)  # type: ignore[assignment]
+        raw: set[bytes] = self._client.smembers(self._accounts_key)  # type: ignore[assignment]
         return sorted(a.decode() for a in raw)
 
     def waiting(self, account: str, lane: str) -> int:
-        return int(self._client.zcard(lane_key(account, lane)))
+        return int(self._client.zcard(self._lane(account, lane)))
 
     def lengths(self, account: str) -> dict[str, int]:
         """Requests waiting per lane, plus those waiting for a retry (``later``)."""
         pipe = self._client.pipeline(transaction=False)
         for lane in LANES:
-            pipe.zcard(lane_key(account, lane))
-        pipe.zcard(later_key(account))
+            pipe.zcard(self._lane(account, lane))
+        pipe.zcard(self._later(account))
         counts = pipe.execute()
         return {**dict(zip(LANES, map(int, counts), strict=False)), "later": int(counts[-1])}
 
@@ -170,9 +221,9 @@ class DispatchLine:
         for account in self.accounts():
             pipe = self._client.pipeline(transaction=False)
             for lane in LANES:
-                pipe.zcard(lane_key(account, lane))
-                pipe.zrange(lane_key(account, lane), 0, 0, withscores=True)
-            pipe.zcard(later_key(account))
+                pipe.zcard(self._lane(account, lane))
+                pipe.zrange(self._lane(account, lane), 0, 0, withscores=True)
+            pipe.zcard(self._later(account))
             answers = pipe.execute()
             for n, lane in enumerate(LANES):
                 first = answers[2 * n + 1]
@@ -184,61 +235,61 @@ class DispatchLine:
     def take(self, account: str, lane: str, now: float | None = None) -> str | None:
         """The lane's first request, moved to ``taken``; None if the lane is empty."""
         now = time.time() if now is None else now
-        raw = self._take(keys=[lane_key(account, lane), taken_key(account)], args=[now])
+        raw = self._take(keys=[self._lane(account, lane), self._taken(account)], args=[now])
         return raw.decode() if raw else None
 
     def sent(self, account: str, job_id: str) -> None:
         """The request left (or the job ended): it is out of the line for good."""
         pipe = self._client.pipeline(transaction=True)
-        pipe.zrem(taken_key(account), job_id)
-        pipe.hdel(where_key(account), job_id)
+        pipe.zrem(self._taken(account), job_id)
+        pipe.hdel(self._where(account), job_id)
         for key in self._lanes(account):
             pipe.zrem(key, job_id)
-        pipe.zrem(later_key(account), job_id)
+        pipe.zrem(self._later(account), job_id)
         pipe.execute()
 
     def retry_later(self, account: str, job_id: str, due: float) -> None:
         """APSIS said "not now": wait until ``due``, then go back to the same place."""
         pipe = self._client.pipeline(transaction=True)
-        pipe.zrem(taken_key(account), job_id)
-        pipe.zadd(later_key(account), {job_id: due})
+        pipe.zrem(self._taken(account), job_id)
+        pipe.zadd(self._later(account), {job_id: due})
         pipe.execute()
 
     def promote_due(self, account: str, now: float | None = None) -> int:
         now = time.time() if now is None else now
-        keys = [later_key(account), where_key(account), *self._lanes(account)]
+        keys = [self._later(account), self._where(account), *self._lanes(account)]
         moved: list[bytes] = self._back(keys=keys, args=[now, 1000])
         return len(moved)
 
     def next_retry_at(self, account: str) -> float | None:
         first: list[tuple[bytes, float]] = self._client.zrange(  # type: ignore[assignment]
-            later_key(account), 0, 0, withscores=True
+            self._later(account), 0, 0, withscores=True
         )
         return first[0][1] if first else None
 
     def recover_taken(self, account: str, taken_before: float) -> list[str]:
         """Requests taken before ``taken_before`` and never sent (their dispatcher died):
         back at their place. Returns their ids."""
-        keys = [taken_key(account), where_key(account), *self._lanes(account)]
+        keys = [self._taken(account), self._where(account), *self._lanes(account)]
         raw: list[bytes] = self._back(keys=keys, args=[taken_before, 1000])
         return [r.decode() for r in raw]
 
     def forget_account_if_idle(self, account: str) -> None:
-        """Drop the account from ACCOUNTS_KEY when nothing of it is in line (a new request
+        """Drop the account from self._accounts_key when nothing of it is in line (a new request
         adds it back). One script: a request placed between a look and the removal would
         otherwise wait in a line no feeder looks at."""
-        self._forget(keys=[where_key(account), ACCOUNTS_KEY], args=[account])
+        self._forget(keys=[self._where(account), self._accounts_key], args=[account])
 
     def place(self, account: str, job_id: str) -> Place | None:
         """Where ``job_id`` waits, or None if it is not in line (sent, or never placed)."""
-        raw = self._client.hget(where_key(account), job_id)
+        raw = self._client.hget(self._where(account), job_id)
         if raw is None:
             return None
         lane, _, _since = raw.decode().partition(":")  # type: ignore[union-attr]
-        retry_at = self._client.zscore(later_key(account), job_id)
+        retry_at = self._client.zscore(self._later(account), job_id)
         if retry_at is not None:
             return Place(lane=lane, ahead=0, retry_at=float(retry_at))
-        rank = self._client.zrank(lane_key(account, lane), job_id)
+        rank = self._client.zrank(self._lane(account, lane), job_id)
         if rank is None:
             return Place(lane=lane, ahead=0)  # taken: being sent now
         ahead = int(rank)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from worker.model.batch_store import BatchStore
 from worker.model.inbox import HEARTBEAT_FRESH_SECONDS, Inbox
 from worker.model.jobs import JobStore
-from worker.model.line import LANES, DispatchLine
+from worker.model.line import FETCH_PREFIX, LANES, DispatchLine
 from worker.telemetry.metrics import JOB_STATES, PREFIX, counters_registry
 
 log = logging.getLogger("apsis.metrics")
@@ -108,18 +108,23 @@ class PoolCollector(Collector):
         yield consumers
 
         yield from self._batch_gauges(BatchStore(self._client, jobs))
-        yield from self._line_gauges(DispatchLine(self._client), now)
+        yield from self._line_gauges(DispatchLine(self._client), now, "line", "Export requests")
+        yield from self._line_gauges(
+            DispatchLine(self._client, prefix=FETCH_PREFIX), now, "download_line", "Fetches"
+        )
 
-    def _line_gauges(self, line: DispatchLine, now: float) -> Iterator[Metric]:
+    def _line_gauges(
+        self, line: DispatchLine, now: float, name: str, what: str
+    ) -> Iterator[Metric]:
         waiting = GaugeMetricFamily(
-            PREFIX + "line_requests",
-            "Export requests waiting in an account's dispatch line, by lane ('later': "
-            "waiting for a retry APSIS asked for).",
+            PREFIX + name + "_requests",
+            f"{what} waiting in an account's dispatch line, by lane ('later': waiting for "
+            "a retry).",
             labels=["account", "lane"],
         )
         oldest = GaugeMetricFamily(
-            PREFIX + "line_oldest_seconds",
-            "Age of the request that has waited longest in a lane (0: the lane is empty).",
+            PREFIX + name + "_oldest_seconds",
+            "Age of the one that has waited longest in a lane (0: the lane is empty).",
             labels=["account", "lane"],
         )
         for row in line.summary():

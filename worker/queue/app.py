@@ -131,6 +131,7 @@ class InboxStep(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.consumer: Any = None
         self.feeder: Any = None
+        self.download_feeder: Any = None
 
     def start(self, parent: Any) -> None:
         if _forks_its_pool(parent):
@@ -157,12 +158,15 @@ class InboxStep(bootsteps.StartStopStep):
 
         self.feeder = Feeder(get_runtime, send_task_later)
         self.feeder.start()
+        self.download_feeder = Feeder(get_runtime, send_task_later, downloads=True)
+        self.download_feeder.start()
 
     def stop(self, parent: Any) -> None:
         if self.consumer is not None:
             self.consumer.stop()
-        if self.feeder is not None:
-            self.feeder.stop()
+        for feeder in (self.feeder, self.download_feeder):
+            if feeder is not None:
+                feeder.stop()
 
 
 app.steps["worker"].add(InboxStep)

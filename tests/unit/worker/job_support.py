@@ -35,7 +35,9 @@ class FakeApsis:
     def __init__(self, body: bytes) -> None:
         self.body = body
 
-    def download(self, url: str, to_file: BinaryIO, *, max_bytes: int, timeout: float) -> Any:
+    def download(
+        self, url: str, to_file: BinaryIO, *, max_bytes: int, timeout: float, send_at: Any = None
+    ) -> Any:
         to_file.write(self.body)
         return Downloaded(sha256=hashlib.sha256(self.body).hexdigest(), bytes=len(self.body))
 
@@ -117,6 +119,8 @@ def runtime_on_fakeredis(settings: Settings, storage: Storage | None = None) -> 
 def make_runtime(storage: Storage | None = None, **settings: Any) -> Runtime:
     """``runtime_on_fakeredis`` on test settings (a callback secret, memory storage) plus
     ``settings``."""
+    settings.setdefault("APSIS_CLIENT_ID", "test-client")
+    settings.setdefault("APSIS_CLIENT_SECRET", secrets.token_urlsafe(32))
     return runtime_on_fakeredis(
         load_settings(
             CALLBACK_SECRET=secrets.token_urlsafe(32), STORAGE_URL="memory:///", **settings

@@ -235,3 +235,79 @@ def test_an_account_leaves_the_feeders_list_only_when_nothing_of_it_waits() -> N
     rt.line.sent(ACCOUNT, "s1")
     rt.line.forget_account_if_idle(ACCOUNT)
     assert rt.line.accounts() == []
+
+
+def _ready(rt: Runtime, job_id: str, *, batch_id: str | None = None) -> None:
+    rt.jobs.create(
+        job_id,
+        export_key=f"{job_id}@x.test",
+        account=ACCOUNT,
+        options=ExportOptions(),
+        deadline_seconds=3600,
+        batch_id=batch_id,
+    )
+    rt.jobs.transition(job_id, State.REQUESTED)
+    rt.jobs.transition(job_id, State.READY, fields={"download_url": "https://x/y"})
+
+
+def _serve_downloads(rt: Runtime, dispatched: list[str], state: Any = None) -> float | None:
+    def record(name: str, args: list[Any], countdown: float) -> None:
+        assert name == pipeline.FETCH_TASK and countdown == 0.0
+        assert abs(args[1] - time.time()) < 1.0  # the reserved slot's time goes along
+        dispatched.append(args[0])
+
+    return feeder.serve_downloads(rt, ACCOUNT, record, state, slice_seconds=2.0)
+
+
+def test_downloads_leave_in_order_singles_first_and_only_two_wait_for_a_worker() -> None:
+    """The download line: fetches leave at download slots, singles ahead of batch items
+    (which keep one slot in four), and no more than FETCH_AHEAD wait for a worker."""
+    rt = _rt(FeedApsis())
+    for job_id in ("b1", "b2"):
+        _ready(rt, job_id, batch_id="batch")
+        rt.fetches.enqueue(ACCOUNT, job_id, "batch")
+    for job_id in ("s1", "s2", "s3", "s4"):
+        _ready(rt, job_id)
+        rt.fetches.enqueue(ACCOUNT, job_id, "single")
+
+    dispatched: list[str] = []
+    state = feeder._Account()  # what the feeder thread keeps between slices
+    while rt.fetches.lengths(ACCOUNT)["single"] + rt.fetches.lengths(ACCOUNT)["batch"]:
+        before = len(dispatched)
+        _serve_downloads(rt, dispatched, state)
+        # The pool is busy: two fetches dispatched and not begun, the rest wait in line.
+        assert len(dispatched) - before <= pipeline.FETCH_AHEAD
+        assert rt.fetches.taken_count(ACCOUNT) <= pipeline.FETCH_AHEAD
+        for job_id in dispatched[before:]:
+            rt.fetches.sent(ACCOUNT, job_id)  # what a fetch task does when it begins
+
+    assert dispatched == ["s1", "s2", "s3", "b1", "s4", "b2"]
+
+
+def test_a_fetch_told_not_now_waits_out_of_the_way_then_leaves_again() -> None:
+    rt = _rt(FeedApsis())
+    _ready(rt, "s1")
+    pipeline.download_later(rt, "s1", 0.3)  # APSIS answered 503 to its download
+    place = rt.fetches.place(ACCOUNT, "s1")
+    assert place is not None and place.retry_at is not None
+
+    dispatched: list[str] = []
+    again = _serve_downloads(rt, dispatched)
+    assert dispatched == [] and again is not None and again <= feeder.FEED_IDLE
+    time.sleep(0.35)
+    _serve_downloads(rt, dispatched)
+    assert dispatched == ["s1"]
+
+
+def test_a_fetch_dispatched_and_never_begun_is_dispatched_again() -> None:
+    """Its message went with a node that died: the job goes back to its place after
+    FETCH_TAKEN_STALE and leaves again; nothing waits for WATCHDOG_STUCK_AFTER."""
+    rt = _rt(FeedApsis())
+    _ready(rt, "s1")
+    line = DispatchLine(rt.redis, prefix=rt.fetches.prefix)
+    line.enqueue(ACCOUNT, "s1", "single")
+    assert line.take(ACCOUNT, "single", now=time.time() - feeder.FETCH_TAKEN_STALE - 1) == "s1"
+
+    dispatched: list[str] = []
+    _serve_downloads(rt, dispatched)
+    assert dispatched == ["s1"]

@@ -21,8 +21,10 @@ def rt() -> Runtime:
 
 
 class Dispatched(list[tuple[str, list[Any]]]):
+    """Task name and job id of each dispatch (a fetch also carries its download slot)."""
+
     def __call__(self, name: str, args: list[Any]) -> None:
-        self.append((name, args))
+        self.append((name, args[:1]))
 
 
 def _job(rt: Runtime, state: State = State.REQUESTED) -> str:
@@ -48,13 +50,31 @@ def test_ready_dispatches_one_fetch_and_duplicates_none(rt: Runtime) -> None:
     assert rt.jobs.get("j1").download_url == "https://x/y"
 
 
-def test_redelivered_ready_entry_dispatches_again(rt: Runtime) -> None:
+def test_redelivered_ready_entry_dispatches_again() -> None:
     """The consumer may die between the transition and the dispatch: the same entry resends."""
+    rt = make_runtime(APSIS_DOWNLOAD_RATE=6000)  # a download slot free at once, both times
     _job(rt)
     sent = Dispatched()
     pipeline.apply_callback(rt, _cb(200, "7-0"), sent)
     assert pipeline.apply_callback(rt, _cb(200, "7-0"), sent) == "ready"
-    assert len(sent) == 2
+    assert sent == [(pipeline.FETCH_TASK, ["j1"])] * 2
+
+
+def test_a_ready_export_waits_in_the_download_line_when_no_slot_is_free() -> None:
+    """At the documented 60 downloads/min, two ready exports at once: the first is
+    dispatched with its slot, the second waits in the account's download line, in order."""
+    rt = make_runtime()
+    for job_id in ("j1", "j2"):
+        pipeline.submit(rt, f"{job_id}@example.com", options=ExportOptions(), job_id=job_id)
+        rt.jobs.transition(job_id, State.REQUESTED)
+    sent = Dispatched()
+    for n, job_id in enumerate(("j1", "j2")):
+        callback = Callback(f"{n + 7}-0", job_id, 1, 200, "https://x/y", 0.0)
+        assert pipeline.apply_callback(rt, callback, sent) == "ready"
+    assert sent == [(pipeline.FETCH_TASK, ["j1"])]
+    account = rt.settings.APSIS_ACCOUNT
+    place = rt.fetches.place(account, "j2")
+    assert place is not None and (place.lane, place.ahead) == ("single", 0)
 
 
 def test_ready_before_verified_still_works(rt: Runtime) -> None:

@@ -26,15 +26,17 @@ def rt() -> Runtime:
 
 
 class Recorder(list[tuple[str, list[Any]]]):
+    """What the sweep dispatched: task name and job id (a fetch also carries its slot)."""
+
     def __call__(self, name: str, args: list[Any]) -> None:
-        self.append((name, args))
+        self.append((name, args[:1]))
 
 
 def _new(rt: Runtime, job_id: str, *, at: float = NOW, chain: dict | None = None) -> None:
     rt.jobs.create(
         job_id,
         export_key=f"{job_id}@example.com",
-        account="a",
+        account=rt.settings.APSIS_ACCOUNT,
         options=ExportOptions(),
         deadline_seconds=rt.settings.EXPORT_DEADLINE,
         chain=chain,
