@@ -4,14 +4,37 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The lock (pip-tools, hashed): requirements.lock is what the image runs, requirements-dev.lock
+# the same versions plus the tools and tests. `make lock` writes both.
+LOCK     := requirements-dev.lock
+PIP      := $(PY) -m pip --disable-pip-version-check
+PIP_TOOLS ?= pip-tools==7.5.3
+LOCK_VENV ?= $(VENV)-lock
+LOCK_UPGRADE ?= --upgrade
+LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-find-links $(LOCK_UPGRADE)
 
-.PHONY: demo test check lint format typecheck bench faults clean
+.PHONY: demo test check lint format typecheck bench faults clean lock
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions, each checked against its hash, and nothing else: --no-deps
+# installs the list as it is (no resolver step); `pip check` fails when pyproject.toml names
+# a dependency the lock lacks (run `make lock`). An unchanged lock does not reinstall.
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(PIP) install --quiet --require-hashes --no-deps -r $(LOCK)
+	@$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@$(PIP) check >/dev/null || { $(PIP) check; exit 1; }
 	@touch $(STAMP)
+
+# Resolve again (newest versions pyproject.toml allows; LOCK_UPGRADE= keeps the pins that
+# still fit) and write both lock files; pip-compile runs from a venv of its own.
+lock:
+	@test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) \
+		&& $(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check $(PIP_TOOLS); }
+	$(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --build-deps-for=wheel \
+		-o requirements.lock pyproject.toml
+	$(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --extra=dev --build-deps-for=editable \
+		-c requirements.lock -o requirements-dev.lock pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/apsis-export demo
@@ -43,4 +66,4 @@ bench: $(STAMP)
 	$(PY) -m bench.all
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache

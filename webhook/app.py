@@ -23,9 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("webhook")
     # Werkzeug refuses larger bodies with 413 before reading them (Content-Length or not).
     app.config["MAX_CONTENT_LENGTH"] = settings.CALLBACK_MAX_BYTES
-    client = redis_client(settings.REDIS_URL)
-    client.connection_pool.connection_kwargs["socket_timeout"] = WEBHOOK_REDIS_TIMEOUT
-    client.connection_pool.connection_kwargs["socket_connect_timeout"] = WEBHOOK_REDIS_TIMEOUT
+    client = redis_client(settings.redis_connection(), timeout=WEBHOOK_REDIS_TIMEOUT)
     app.extensions["apsis"] = WebhookResources(
         settings=settings, redis=client, jobs=JobStore(client), inbox=Inbox(client)
     )

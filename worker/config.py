@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import re
+import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -18,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
@@ -124,6 +128,137 @@ def parse_key_ring(text: str) -> KeyRing:
     return KeyRing(current=keys[0], keys={key_id(k): k for k in keys})
 
 
+#: How the certificate of a rediss:// server is checked (REDIS_TLS_CERT_REQS, or
+#: ssl_cert_reqs in REDIS_URL): "required" unless the user names another value.
+TLS_CERT_REQS = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
+}
+#: The TLS options a rediss:// URL's query may carry, as redis-py and kombu name them.
+URL_TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS to Redis: how the server's certificate is checked, the CA bundle that signed it
+    (None: the system's), and an optional client certificate and key (PEM files)."""
+
+    cert_reqs: str = "required"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class RedisConnection:
+    """How every client reaches Redis (redis-py, the Celery broker): the one place a new way
+    of connecting (Sentinel, say) is added. ``url`` carries no TLS query options: they are
+    in ``tls`` (merged from REDIS_URL's query and the REDIS_TLS_* settings)."""
+
+    #: Never in the repr: it may carry the ACL user's password.
+    url: str = field(repr=False)
+    tls: RedisTls | None = None
+
+    @property
+    def where(self) -> str:
+        """scheme://host:port/db, without credentials or query: safe to print."""
+        parts = urlsplit(self.url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``redis.Redis.from_url(self.url, ...)`` for the TLS options."""
+        if self.tls is None:
+            return {}
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": self.tls.cert_reqs}
+        if self.tls.cert_reqs == "none":
+            kwargs["ssl_check_hostname"] = False
+        kwargs.update(self._files())
+        return kwargs
+
+    def broker_ssl(self) -> dict[str, Any] | None:
+        """Celery's ``broker_use_ssl`` (kombu hands it to redis-py). Always set for rediss://,
+        so kombu never falls back to its default of not checking the certificate."""
+        if self.tls is None:
+            return None
+        return {"ssl_cert_reqs": TLS_CERT_REQS[self.tls.cert_reqs], **self._files()}
+
+    def _files(self) -> dict[str, str]:
+        assert self.tls is not None
+        files = {
+            "ssl_ca_certs": self.tls.ca_file,
+            "ssl_certfile": self.tls.cert_file,
+            "ssl_keyfile": self.tls.key_file,
+        }
+        return {name: path for name, path in files.items() if path}
+
+
+def _readable_file(path: str, name: str) -> str:
+    """``path`` expanded; ValueError naming ``name`` when it is not a readable file."""
+    full = os.path.expanduser(path)
+    if not os.path.isfile(full) or not os.access(full, os.R_OK):
+        raise ValueError(f"{name} is invalid: no readable file at {full}")
+    return full
+
+
+def redis_connection(
+    url: str,
+    *,
+    cert_reqs: str | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> RedisConnection:
+    """REDIS_URL plus the REDIS_TLS_* settings as one RedisConnection; ValueError (never
+    quoting the URL, which may hold a password) on a TLS option that cannot work.
+
+    A TLS option in the URL's query wins over its setting.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    from_url = {name: value for name, value in query if name in URL_TLS_OPTIONS}
+    rest = [(name, value) for name, value in query if name not in URL_TLS_OPTIONS]
+    bare = urlunsplit(parts._replace(query=urlencode(rest)))
+    given = {
+        "REDIS_TLS_CERT_REQS": cert_reqs,
+        "REDIS_TLS_CA_FILE": ca_file,
+        "REDIS_TLS_CERT_FILE": cert_file,
+        "REDIS_TLS_KEY_FILE": key_file,
+    }
+    if parts.scheme != "rediss":
+        tls_given = [name for name, value in given.items() if value] + list(from_url)
+        if tls_given:
+            raise ValueError(f"{tls_given[0]} is set, but REDIS_URL is not a rediss:// URL")
+        return RedisConnection(bare)
+    # kombu's spelling (CERT_REQUIRED) too.
+    reqs = (from_url.get("ssl_cert_reqs") or cert_reqs or "required").lower()
+    reqs = reqs.removeprefix("cert_")
+    if reqs not in TLS_CERT_REQS:
+        named = (
+            "ssl_cert_reqs in REDIS_URL" if from_url.get("ssl_cert_reqs") else "REDIS_TLS_CERT_REQS"
+        )
+        raise ValueError(f"{named} is invalid: must be required, optional or none")
+    files: dict[str, str | None] = {}
+    for option, setting, value in (
+        ("ssl_ca_certs", "REDIS_TLS_CA_FILE", ca_file),
+        ("ssl_certfile", "REDIS_TLS_CERT_FILE", cert_file),
+        ("ssl_keyfile", "REDIS_TLS_KEY_FILE", key_file),
+    ):
+        path = from_url.get(option) or value
+        named = f"{option} in REDIS_URL" if from_url.get(option) else setting
+        files[option] = _readable_file(path, named) if path else None
+    if files["ssl_keyfile"] and not files["ssl_certfile"]:
+        raise ValueError("REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE")
+    tls = RedisTls(
+        cert_reqs=reqs,
+        ca_file=files["ssl_ca_certs"],
+        cert_file=files["ssl_certfile"],
+        key_file=files["ssl_keyfile"],
+    )
+    return RedisConnection(bare, tls)
+
+
 class AccountSettings(BaseModel):
     """One more APSIS account (another region or brand), from APSIS_ACCOUNTS."""
 
@@ -179,7 +314,15 @@ class Settings(BaseSettings):
     EXPORT_DEADLINE: int = Field(7 * 24 * 3600, gt=0)
 
     # Redis: the Celery broker, the job store, the inbox stream and the shared limits.
-    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    #: Never in the settings' repr: it may carry the ACL user's password.
+    REDIS_URL: str = Field("redis://127.0.0.1:6379/0", repr=False)
+    #: TLS to a rediss:// Redis (see redis_connection): the CA bundle that signed the
+    #: server's certificate (unset: the system's), a client certificate and its key, and
+    #: how the certificate is checked ("required"; "optional" or "none" only by name).
+    REDIS_TLS_CA_FILE: str | None = None
+    REDIS_TLS_CERT_FILE: str | None = None
+    REDIS_TLS_KEY_FILE: str | None = None
+    REDIS_TLS_CERT_REQS: str | None = None
 
     # The callback webhook
     #: Public base URL of the webhook, as APSIS must reach it (e.g. https://hooks.example.com).
@@ -275,6 +418,22 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        # Checked here, with the other settings read, so a bad combination stops the start.
+        self.redis_connection()
+        return self
+
+    def redis_connection(self) -> RedisConnection:
+        """How every client reaches Redis: REDIS_URL with the REDIS_TLS_* settings."""
+        return redis_connection(
+            self.REDIS_URL,
+            cert_reqs=self.REDIS_TLS_CERT_REQS or None,
+            ca_file=self.REDIS_TLS_CA_FILE or None,
+            cert_file=self.REDIS_TLS_CERT_FILE or None,
+            key_file=self.REDIS_TLS_KEY_FILE or None,
+        )
+
     @field_validator("STORAGE_URL")
     @classmethod
     def _storage_url(cls, value: str) -> str:
@@ -368,7 +527,8 @@ def load_settings(*, require: Iterable[str] = (), **overrides: object) -> Settin
         raise ConfigError(f"{name} is invalid: not valid JSON") from None
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = ".".join(str(part) for part in error["loc"]) or "configuration"
+        name = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{name} is invalid: {message}") from None
+        # A check across settings (no loc) names its settings itself.
+        raise ConfigError(f"{name} is invalid: {message}" if name else message) from None
     return settings.require(*require)

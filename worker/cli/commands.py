@@ -11,30 +11,31 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 
 from worker.config import Settings, load_settings
 from worker.deliverable.storage import Storage
-from worker.errors import BatchFileError, ExportError, InputError, JobNotFound, StorageError
+from worker.errors import (
+    BatchFileError,
+    ConfigError,
+    ExportError,
+    InputError,
+    JobNotFound,
+    StorageError,
+)
 from worker.flow import batches, feeder, pipeline
 from worker.flow.batch_file import read_batch_file
-from worker.flow.runtime import Runtime, build_runtime
+from worker.flow.runtime import Runtime, build_runtime, redis_client
 from worker.model import batch_store, ids
 from worker.model.control_chars import for_terminal
 from worker.model.jobs import FINAL, ExportOptions, Job, State, new_job_id
+from worker.ops import redis_access
+from worker.queue.inflight import celery_queue
 from worker.telemetry.logs import configure_logging
 
 #: Seconds between two looks at a job while waiting for it.
 WAIT_POLL = 0.5
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _job_json(rt: Runtime, job: Job) -> dict[str, Any]:
@@ -344,7 +345,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # Fail in one line before Celery starts: otherwise an unreachable Redis is a reconnect
     # loop in the logs and unreachable storage surfaces only at the first finished export.
     rt = build_runtime(settings)
-    rt.redis.ping()
+    _check_redis(rt.redis)
     _check_storage_in_a_child(settings)
     from worker.queue.app import app
 
@@ -358,7 +359,24 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _check_redis(client: redis.Redis) -> None:
+    """Before a role starts: Redis answers, the ACL user may do all the product does (else
+    ConfigError naming each refusal), and a warning line per risky server setting."""
+    client.ping()
+    refused = redis_access.refused_access(client, celery_queue())
+    if refused:
+        raise ConfigError(
+            "the Redis user lacks what the product needs: "
+            + ", ".join(refused)
+            + "; grant it the README's ACL SETUSER line"
+        )
+    for warning in redis_access.settings_warnings(client):
+        sys.stderr.write(f"apsis-export: warning: {warning}\n")
+
+
 def cmd_webhook(args: argparse.Namespace, settings: Settings) -> int:
+    # The same one-line start-up errors as a worker's (TLS, credentials, ACL).
+    _check_redis(redis_client(settings.require("CALLBACK_SECRET").redis_connection()))
     serve = importlib.import_module("webhook.serve")
     serve.serve(settings, host=args.host, port=args.port, workers=args.workers)
     return 0
@@ -468,9 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"apsis-export: {for_terminal(exc)}\n")
         return exc.exit_code if not isinstance(exc, JobNotFound) else JobNotFound.exit_code
     except redis.RedisError as exc:
-        where = _redacted(settings.REDIS_URL) if settings else "REDIS_URL"
-        sys.stderr.write(f"apsis-export: cannot reach Redis at {where} ({type(exc).__name__})\n")
-        return 1
+        where = settings.redis_connection().where if settings else "REDIS_URL"
+        failure = redis_access.explain(exc, where)
+        sys.stderr.write(f"apsis-export: {for_terminal(failure.line)}\n")
+        return 2 if failure.config else 1
     except KeyboardInterrupt:
         return 130
 

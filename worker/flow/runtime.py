@@ -16,7 +16,13 @@ from redis.retry import Retry
 
 from worker.apsis.client import ApsisClient, Limits
 from worker.apsis.ratelimit import DEFAULT_MARGIN, Limit, RateLimiter
-from worker.config import AccountSettings, Settings, load_settings
+from worker.config import (
+    AccountSettings,
+    RedisConnection,
+    Settings,
+    load_settings,
+    redis_connection,
+)
 from worker.deliverable.storage import Storage
 from worker.model import purpose
 from worker.model.batch_store import BatchStore
@@ -34,8 +40,17 @@ REDIS_SOCKET_TIMEOUT = 10.0
 RIDE_OUT_RETRIES = 9
 
 
-def redis_client(url: str, *, ride_out: bool = False) -> redis.Redis:
+def redis_client(
+    target: RedisConnection | str,
+    *,
+    ride_out: bool = False,
+    timeout: float = REDIS_SOCKET_TIMEOUT,
+) -> redis.Redis:
     """A client with timeouts, so an unreachable Redis is an error rather than a hang.
+
+    Every redis-py client of the product is made here, from ``Settings.redis_connection()``
+    (REDIS_URL with its TLS settings; a bare URL string has only what it says itself).
+    ``timeout``: seconds to connect and for each command.
 
     ``ride_out``: retry a command through a short outage (a restart) before failing. A task
     that fails on Redis instead is put back on the queue, which needs Redis too, and its
@@ -47,11 +62,13 @@ def redis_client(url: str, *, ride_out: bool = False) -> redis.Redis:
             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), RIDE_OUT_RETRIES),
             "retry_on_error": [redis.ConnectionError, redis.TimeoutError, BusyLoadingError],
         }
+    connection = redis_connection(target) if isinstance(target, str) else target
     return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
-        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        connection.url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
         health_check_interval=30,
+        **connection.redis_kwargs(),
         **retry,
     )
 
@@ -130,7 +147,7 @@ def runtime_on(settings: Settings, client: redis.Redis, storage: Storage) -> Run
 
 def build_runtime(settings: Settings | None = None) -> Runtime:
     settings = settings or load_settings()
-    client = redis_client(settings.REDIS_URL, ride_out=True)
+    client = redis_client(settings.redis_connection(), ride_out=True)
     return runtime_on(settings, client, Storage.from_settings(settings))
 
 

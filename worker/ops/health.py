@@ -11,6 +11,7 @@ import redis
 from worker.errors import ExportError
 from worker.flow.runtime import Runtime
 from worker.model.inbox import HEARTBEAT_FRESH_SECONDS
+from worker.ops.redis_access import explain
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,10 @@ def check_node(rt: Runtime, *, node: str | None = None, now: float | None = None
     try:
         rt.redis.ping()
     except redis.RedisError as exc:
-        return Health(False, f"unhealthy: redis unreachable ({type(exc).__name__})")
+        failure = explain(exc, "REDIS_URL")
+        # TLS, credentials and permissions said as such; otherwise just unreachable.
+        line = failure.line if failure.config else f"redis unreachable ({type(exc).__name__})"
+        return Health(False, f"unhealthy: {line}")
     try:
         rt.storage.check()
     except ExportError as exc:

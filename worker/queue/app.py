@@ -29,8 +29,13 @@ def task_modules() -> list[str]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings; each overridable by its environment variable (see the README)."""
     queue = celery_queue()
+    redis_at = settings.redis_connection()
     return {
-        "broker_url": settings.REDIS_URL,
+        # The URL without TLS query options, which kombu would let replace broker_use_ssl.
+        "broker_url": redis_at.url,
+        # TLS as for every other client; for rediss:// always set, so kombu never falls
+        # back to not checking the server's certificate.
+        "broker_use_ssl": redis_at.broker_ssl(),
         # kombu's Redis transport, taking messages so that a lost connection loses none.
         "broker_transport": "worker.queue.broker:Transport",
         "broker_connection_retry_on_startup": True,
