@@ -10,7 +10,7 @@ from celery import Celery, bootsteps, signals, signature
 
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
-from worker.queue import inflight
+from worker.queue import inflight, nodes
 from worker.queue.inflight import celery_queue
 from worker.telemetry.logs import configure_logging
 
@@ -114,7 +114,8 @@ def send_chain(stored: dict[str, Any], result: dict[str, Any]) -> None:
 
 def _sweep(rt: Any, try_sweep: Any) -> None:
     def recover_messages() -> int:
-        return inflight.recover(rt.redis, celery_queue())
+        # In flight since the last sweep, and taken by a node that stopped beating.
+        return inflight.recover(rt.redis, celery_queue()) + nodes.restore_lost(rt.redis)
 
     try_sweep(rt, send_task, send_chain, recover_messages=recover_messages)
 
@@ -135,6 +136,7 @@ class InboxStep(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.consumer: Any = None
+        self.heartbeat: nodes.NodeHeartbeat | None = None
         self.feeder: Any = None
         self.download_feeder: Any = None
 
@@ -153,6 +155,9 @@ class InboxStep(bootsteps.StartStopStep):
         from worker.flow.runtime import get_runtime
         from worker.flow.watchdog import try_sweep
 
+        # Beats until this process ends (never stopped: a warm shutdown still runs tasks
+        # whose messages are this node's); claims name this node once it has beaten.
+        self.heartbeat = nodes.NodeHeartbeat(lambda: get_runtime().redis).start()
         self.consumer = InboxConsumer(
             get_runtime,
             send_task,

@@ -30,7 +30,7 @@ from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from worker.queue import inflight
+from worker.queue import inflight, nodes
 from worker.queue.inflight import inflight_key
 
 log = logging.getLogger("apsis.broker")
@@ -68,6 +68,8 @@ class ClaimingQoS(_RedisQoS):  # type: ignore[misc]
                 delivery_tag=delivery_tag,
                 record=record,
                 at=time(),
+                node=nodes.claiming_node(),
+                queue=self.channel._blmove_queue,
             )
         if not claimed:
             raise AlreadyRequeued()

@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from worker.queue.nodes import CLAIMING_NODES, claims_key
+
 #: The Celery queue our workers consume (and our tasks are routed to).
 DEFAULT_QUEUE = "apsis"
 
@@ -58,13 +60,19 @@ return restored
 
 #: The consumer's side: out of the in-flight list and into kombu's unacknowledged record
 #: (index and message, as ``kombu.transport.redis.QoS.append`` writes them) in one step; or
-#: nothing, if the sweep has put the message back on the queue already (0).
+#: nothing, if the sweep has put the message back on the queue already (0). With a node
+#: (KEYS[4], KEYS[5], ARGV[5], ARGV[6]), the same step records which node took the tag and
+#: when (``worker.queue.nodes``), so the tag goes back on the queue if that node is lost.
 CLAIM = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
   return 0
 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+if #KEYS == 5 then
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
+  redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
+end
 return 1
 """
 
@@ -103,9 +111,18 @@ def claim(
     delivery_tag: str,
     record: str,
     at: float,
+    node: str | None = None,
+    queue: str | None = None,
 ) -> bool:
     """Move a taken message (``item``, as BLMOVE returned it) from the in-flight list
-    ``inflight`` into the unacknowledged record; False if the sweep requeued it first."""
+    ``inflight`` into the unacknowledged record; False if the sweep requeued it first.
+
+    ``node``: the live node taking it, recorded with the ``queue`` it goes back to if that
+    node is lost (``worker.queue.nodes.restore_lost``)."""
     keys = [inflight, unacked_index, unacked]
-    claimed: int = client.eval(CLAIM, len(keys), *keys, item, repr(at), delivery_tag, record)
+    args: list[Any] = [item, repr(at), delivery_tag, record]
+    if node is not None and queue is not None:
+        keys += [claims_key(node), CLAIMING_NODES]
+        args += [node, queue]
+    claimed: int = client.eval(CLAIM, len(keys), *keys, *args)
     return claimed == 1

@@ -26,6 +26,7 @@ CONTEXT_FIELDS = (
     "profiles",
     "seconds",
     "retry_in",
+    "count",
 )
 
 #: Hex characters of the keyed hash logged in place of an export key (48 bits: enough to

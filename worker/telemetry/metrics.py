@@ -138,6 +138,13 @@ class Metrics:
             "own finalize was lost or gave up.",
             registry=r,
         )
+        self.messages_restored = Counter(
+            PREFIX + "messages_restored",
+            "Task messages put back on the queue by the sweep, by reason ('node_lost': the "
+            "worker node that had taken them stopped beating).",
+            ["reason"],
+            registry=r,
+        )
 
 
 @functools.cache
@@ -257,6 +264,10 @@ def batch_ended(state: str) -> None:
 
 def batch_rescued() -> None:
     metrics().batches_rescued.inc()
+
+
+def messages_restored(reason: str, count: int) -> None:
+    metrics().messages_restored.labels(reason).inc(count)
 
 
 # -- the counters and histograms of every process -----------------------------------------
