@@ -1,10 +1,11 @@
 """Peak RSS of a worker exporting 1 MB, 100 MB and 1 GB files from the sandbox.
 
-    python -m bench.memory [--sizes 1,100,1000] [--timeout 900]
+    python -m bench.memory [--sizes 1,100,1000] [--timeout 900] [--package on|off|both]
 
 One LocalStack per size (one worker, concurrency 1, file storage in a temp dir), so each
 figure is a fresh process: the pool child's VmHWM (peak RSS) after the export is stored,
-with history, definitions and two merged profiles requested.
+with history, definitions and two merged profiles requested. ``--package both`` measures
+each size without the data-subject package (PACKAGE_ENABLED=0) and with it, side by side.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-def measure(size_mb: int, timeout: float) -> dict[str, float]:
+def measure(size_mb: int, timeout: float, *, package: bool = True) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="apsis-bench-mem-") as tmp:
         stack = LocalStack(
             storage_url=f"file://{tmp}/exports",
             workers=1,
             concurrency=1,
             log_dir=Path(tmp),
-            env={"RETENTION_DAYS": "0"},
+            env={"RETENTION_DAYS": "0", "PACKAGE_ENABLED": "1" if package else "0"},
         )
         with stack:
             key = f"bench.memory.{size_mb}@example.com"
@@ -84,6 +85,7 @@ def measure(size_mb: int, timeout: float) -> dict[str, float]:
                 "main_peak_mib": _hwm_kib(main) / 1024,
                 "seconds": elapsed,
                 "events": float(events),
+                "package": float(package),
             }
 
 
@@ -91,14 +93,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,100,1000", help="file sizes in MB, comma list")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per export")
+    parser.add_argument(
+        "--package", choices=("on", "off", "both"), default="on", help="PACKAGE_ENABLED"
+    )
     args = parser.parse_args()
-    rows = [measure(int(s), args.timeout) for s in args.sizes.split(",")]
-    print(f"{'file':>9} {'events':>11} {'pool child peak RSS':>20} {'worker main':>12} {'time':>8}")
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.package]
+    rows = [
+        measure(int(s), args.timeout, package=mode) for s in args.sizes.split(",") for mode in modes
+    ]
+    print(
+        f"{'file':>9} {'package':>8} {'events':>11} {'pool child peak RSS':>20} "
+        f"{'worker main':>12} {'time':>8}"
+    )
     for r in rows:
         print(
-            f"{r['bytes'] / MB:>6.0f} MB {r['events']:>11,.0f} {r['child_peak_mib']:>16.1f} MiB "
+            f"{r['bytes'] / MB:>6.0f} MB {'on' if r['package'] else 'off':>8} "
+            f"{r['events']:>11,.0f} {r['child_peak_mib']:>16.1f} MiB "
             f"{r['main_peak_mib']:>8.1f} MiB {r['seconds']:>6.1f} s"
         )
+    if args.package == "both":
+        for off, on in zip(rows[::2], rows[1::2], strict=True):
+            print(
+                f"{off['bytes'] / MB:.0f} MB: peak RSS with the package "
+                f"{on['child_peak_mib'] / off['child_peak_mib'] - 1:+.1%} "
+                f"({off['child_peak_mib']:.1f} -> {on['child_peak_mib']:.1f} MiB), "
+                f"time {on['seconds'] / off['seconds'] - 1:+.0%}"
+            )
+        rows = rows[1::2]
     low, high = rows[0], rows[-1]
     print(
         f"peak RSS of the exporting process: {low['child_peak_mib']:.1f} MiB at "

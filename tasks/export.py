@@ -11,7 +11,7 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 
 from worker.errors import InputError
-from worker.flow import batches, pipeline
+from worker.flow import batches, delivery, pipeline
 from worker.flow.batch_file import BatchItem
 from worker.flow.runtime import get_runtime
 from worker.model.jobs import ExportOptions
@@ -64,9 +64,12 @@ def export_profile(
     batch_id: str | None = None,
     account: str | None = None,
     urgent: bool = False,
+    deliver: str | int | None = None,
 ) -> dict[str, Any]:
     """Create the job, put its request in the account's dispatch line, park the caller's
-    chain, and end. ``urgent``: ahead of every other waiting request of the account."""
+    chain, and end. ``urgent``: ahead of every other waiting request of the account.
+    ``deliver`` ("7d", "12h", seconds): the result carries a link to the package, valid
+    that long (a bearer credential: ask only where the result travels safely)."""
     rt = get_runtime()
     job_id = job_id or pipeline.job_id_from_task_id(self.request.id)
     chain = _detach_caller_chain(self)
@@ -76,6 +79,7 @@ def export_profile(
         include_merged_profiles=include_merged_profiles,
     )
     try:
+        link_seconds = delivery.check_link_request(rt, deliver) if deliver else None
         pipeline.submit(
             rt,
             export_key,
@@ -90,6 +94,8 @@ def export_profile(
     except InputError as exc:
         # A caller's bad input: nothing to retry; the error names no personal data.
         return {"job_id": job_id, "state": "rejected", "error": str(exc)}
+    if link_seconds:
+        delivery.ask_for_link(rt, job_id, link_seconds)
     pipeline.place_in_line(rt, job_id)
     return {"job_id": job_id, "state": rt.jobs.get(job_id).state.value}
 

@@ -358,6 +358,12 @@ class Settings(BaseSettings):
     #: sweep, leaving a deletion record; 0 keeps them forever. Default 30: GDPR's storage
     #: limitation, and a month covers handing the export over (Art. 12(3)).
     RETENTION_DAYS: float = Field(30.0, ge=0)
+    #: Build jobs/<job_id>/package.zip for every done job: the report as index.html, the
+    #: profile documents, CSV files and checksums.sha256 (what a DPO hands over).
+    PACKAGE_ENABLED: bool = True
+    #: Longest expiry of a package link (``apsis-export link``, ``deliver``), in seconds
+    #: (default 7 days; S3 presigned URLs cannot outlive 7 days anyway).
+    LINK_MAX_EXPIRY: int = Field(7 * 24 * 3600, gt=0, le=7 * 24 * 3600)
 
     # Celery
     #: Seconds before the Redis broker redelivers an unacknowledged task, running or not;

@@ -52,6 +52,7 @@ def test_export_lands_in_s3_with_manifest_last(
         for name in (
             "export.json",
             "manifest.json",
+            "package.zip",
             "profiles/0.json",
             "profiles/1.json",
             "report.html",

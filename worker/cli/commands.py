@@ -24,7 +24,7 @@ from worker.errors import (
     JobNotFound,
     StorageError,
 )
-from worker.flow import batches, feeder, pipeline
+from worker.flow import batches, delivery, feeder, pipeline
 from worker.flow.batch_file import read_batch_file
 from worker.flow.runtime import Runtime, build_runtime, redis_client
 from worker.model import batch_store, ids
@@ -50,6 +50,7 @@ def _job_json(rt: Runtime, job: Job) -> dict[str, Any]:
         "profiles": job.profiles,
         "bytes": job.source_bytes,
         "error": job.error,
+        "package": job.extra.get(delivery.PACKAGE_FIELD) or None,
         "line": feeder.place_of(rt, job),
         "history": rt.jobs.history(job.job_id),
     }
@@ -76,8 +77,14 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     job_id = ids.validate_new_job_id(args.job_id) if args.job_id else new_job_id()
     # The job's purpose digest is keyed by the secret the workers use.
     settings.require("CALLBACK_SECRET")
+    if args.link and not args.wait:
+        raise InputError(
+            "--link prints the link once the job is done: add --wait, "
+            "or run 'apsis-export link JOB_ID' later"
+        )
     rt = build_runtime(settings)
     rt.redis.ping()
+    link_seconds = delivery.check_link_request(rt, args.link) if args.link else None
     # The record first, here: a job id in use for another export is refused now (exit 2),
     # before anything is queued; the same request twice is still one job.
     pipeline.submit(
@@ -88,6 +95,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         reference=args.reference,
         urgent=args.urgent,
     )
+    if link_seconds:
+        delivery.ask_for_link(rt, job_id, link_seconds)
     # In the account's dispatch line: a feeder sends it at a reserved slot.
     pipeline.place_in_line(rt, job_id)
     if not args.wait:
@@ -97,10 +106,17 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             print(job_id)
         return 0
     job = _wait(rt, job_id, quiet=args.json, timeout=args.timeout)
+    package = job.extra.get(delivery.PACKAGE_FIELD)
+    link = job.extra.get(delivery.LINK_FIELD) if args.link else None
     if args.json:
-        print(json.dumps({"job_id": job_id, "state": job.state.value, "manifest": job.manifest}))
+        found = {"job_id": job_id, "state": job.state.value, "manifest": job.manifest}
+        found.update({"package": package} if package else {})
+        found.update({"package_link": link} if link else {})
+        print(json.dumps(found))
     else:
         print(f"{job_id} {job.state.value} {for_terminal(job.manifest or job.error or '')}")
+        if link:
+            print(link)
     return 0 if job.state == State.DONE else 1
 
 
@@ -143,6 +159,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if job.manifest:
         print(f"manifest  {for_terminal(job.manifest)}")
         print(f"profiles  {job.profiles}  bytes {job.source_bytes}")
+    if data["package"]:
+        print(f"package   {for_terminal(data['package'])}  (apsis-export link {job.job_id})")
     if job.error:
         print(f"error     {for_terminal(job.error)}")
     print("history")
@@ -312,6 +330,28 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_link(args: argparse.Namespace, settings: Settings) -> int:
+    rt = build_runtime(settings)
+    job_id = ids.validate_job_id(args.job_id)
+    longest = settings.LINK_MAX_EXPIRY
+    seconds = delivery.parse_expiry(args.expires or longest, longest=longest)
+    if rt.batches.exists(job_id):
+        raise InputError(
+            f"{job_id} is a batch: link each of its jobs (its summary.csv lists their packages)"
+        )
+    link = delivery.package_link(rt, job_id, expires_in=seconds)
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(link.expires_at))
+    if args.json:
+        print(json.dumps({"job_id": job_id, "url": link.url, "expires_at": link.expires_at}))
+    else:
+        print(link.url)
+        sys.stderr.write(
+            f"valid until {until}; whoever has this link can download the package: "
+            "send it to the data subject only, and the way you would send the data itself\n"
+        )
+    return 0
+
+
 def _check_storage_in_a_child(settings: Settings) -> None:
     """storage.check() in a forked child, so this process never starts obstore's runtime.
 
@@ -417,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--urgent", action="store_true", help="ahead of every other waiting request")
+    p.add_argument(
+        "--link", metavar="EXPIRY", help="with --wait: print a link to the package (e.g. 7d)"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("batch", help="export every key in a file (one a line, or CSV)")
@@ -448,6 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read a job's or batch's objects and check digests")
     p.add_argument("job_id", help="a job id or a batch id")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("link", help="print an expiring link to a done job's package")
+    p.add_argument("job_id")
+    p.add_argument(
+        "--expires", help="how long it works: 30m, 12h, 7d (default: LINK_MAX_EXPIRY, 7d)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_link)
 
     p = sub.add_parser("worker", help="run a Celery worker (tasks and the callback inbox)")
     p.add_argument("--concurrency", type=int, default=2)

@@ -1,7 +1,8 @@
 """The deliverable: what a data subject's export becomes in object storage.
 
 ``export_file`` (streaming split of a downloaded export into profiles), ``report`` (the
-readable report), ``manifest`` (the commit point, written last), ``storage`` (obstore,
+readable report), ``package`` (the zip a DPO hands over: report, JSON, CSV, checksums),
+``manifest`` (the commit point, written last), ``storage`` (obstore,
 local or cloud), ``envelope`` (client-side encryption), ``csv_cells`` (CSV cells a
 spreadsheet cannot run as formulas).
 

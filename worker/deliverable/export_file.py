@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -69,6 +69,8 @@ class SplitResult:
     #: The file carried ``metadata`` (type definitions), so names were joined in.
     has_definitions: bool
     requested_found: bool
+    #: Attribute names from the type definitions by (section, attribute discriminator).
+    attribute_names: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ def split_export(source: Path, out_dir: Path, *, requested_key: str) -> SplitRes
         profiles=profiles,
         has_definitions=definitions is not None,
         requested_found=any(p.role == "requested" for p in profiles),
+        attribute_names=definitions.attributes if definitions else {},
     )
 
 

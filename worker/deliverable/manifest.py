@@ -45,6 +45,11 @@ def report_json_object(job_id: str) -> str:
     return f"{job_prefix(job_id)}/report.json"
 
 
+def package_object(job_id: str) -> str:
+    """The data-subject package (zip) of a done job: what a DPO hands over."""
+    return f"{job_prefix(job_id)}/package.zip"
+
+
 def _job_head(job: Job) -> dict[str, Any]:
     """The fields a job's manifest opens with, whether the job is done or failed."""
     return {
@@ -67,11 +72,13 @@ def build_manifest(
     finished_at: float,
     reports: dict[str, dict[str, Any]] | None = None,
     links: dict[str, dict[str, Any]] | None = None,
+    package: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a finished job: every export key found, each with its object.
 
     ``reports`` lists the report objects (object, sha256, bytes) by kind; ``links`` adds
-    fields to a merged profile's entry (``batch_item``, ``linked_job``) by export key.
+    fields to a merged profile's entry (``batch_item``, ``linked_job``) by export key;
+    ``package`` is the data-subject package (object, sha256, bytes, files), if built.
     """
     merged_found = [p for p in split.profiles if p.role == "merged"]
     warnings = manifest_warnings(job, split)
@@ -116,6 +123,7 @@ def build_manifest(
             for p in split.profiles
         ],
         "reports": reports or {},
+        **({"package": package} if package else {}),
         "merged_keys_found": [p.export_key for p in merged_found],
         "type_definitions_joined": split.has_definitions,
         "warnings": warnings,

@@ -44,11 +44,33 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{margin-top:2.5rem;border-bottom:2px s
 padding-bottom:.3rem}h3{margin-top:1.8rem;font-size:1.05rem}h4{margin:1.2rem 0 .4rem}
 table{border-collapse:collapse;width:100%;margin:.3rem 0 1rem;font-size:.9rem}
 th,td{border:1px solid #d0d7de;padding:.3rem .5rem;text-align:left;vertical-align:top;
-overflow-wrap:anywhere}th{background:#f3f5f7}code{font-size:.85em;color:#57606a}
+overflow-wrap:break-word;hyphens:none}th{background:#f3f5f7}
+code{font-size:.85em;color:#57606a;overflow-wrap:anywhere}
+td:last-child{overflow-wrap:anywhere}.num{text-align:right;white-space:nowrap}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{font-weight:600}
-dd{margin:0}.note{color:#57606a;font-style:italic}.warn{background:#fff8c5;
-border:1px solid #d4a72c;padding:.5rem .8rem;margin:.5rem 0}.role{font-size:.8rem;
-background:#ddf4ff;border-radius:1rem;padding:.1rem .6rem;margin-left:.5rem;vertical-align:middle}
+dd{margin:0;overflow-wrap:anywhere}.note{color:#57606a;font-style:italic}
+.warn{background:#fff8c5;border:1px solid #d4a72c;padding:.5rem .8rem;margin:.5rem 0}
+.role{font-size:.8rem;background:#ddf4ff;border-radius:1rem;padding:.1rem .6rem;
+margin-left:.5rem;vertical-align:middle}h2{overflow-wrap:anywhere}
+.cover{border:1px solid #d0d7de;border-radius:.5rem;padding:.2rem 1.2rem 1rem;
+background:#f6f8fa;margin-bottom:2rem}.cover li{margin:.3rem 0}
+@media (max-width:40rem){body{margin:1rem auto;font-size:16px}
+dl{grid-template-columns:1fr}dd{margin-bottom:.5rem}
+table,tbody,tr,td{display:block;width:auto}thead{display:none}
+tr{border:1px solid #d0d7de;border-radius:.4rem;margin:0 0 .6rem;padding:.3rem .5rem}
+td{border:0;padding:.15rem 0}
+td::before{display:block;font-size:.75rem;font-weight:600;color:#57606a}
+table.profiles td:nth-child(2)::before{content:"Role"}
+table.profiles td:nth-child(3)::before{content:"Sections"}
+table.profiles td:nth-child(4)::before{content:"Attributes"}
+table.profiles td:nth-child(5)::before{content:"History entries"}
+table.profiles td:nth-child(6)::before{content:"Events"}
+table.profiles td:nth-child(7)::before{content:"Document"}
+table.history td:nth-child(2)::before{content:"Value"}
+table.history td:nth-child(3)::before{content:"Changed at"}
+table.events td:nth-child(2)::before{content:"Time"}
+table.events td:nth-child(3)::before{content:"Data"}
+table.files td:nth-child(2)::before{content:"What it holds"}}
 @media print{body{margin:0;max-width:none}}
 """
 
@@ -121,8 +143,14 @@ def write_report(
     type_definitions_joined: bool,
     generated_at: float | None = None,
     max_rows: int = MAX_ROWS_PER_TABLE,
+    cover: str | None = None,
+    link_documents: bool = False,
 ) -> ReportFiles:
-    """Write ``out_dir/report.html`` and ``out_dir/report.json`` from the profile documents."""
+    """Write ``out_dir/report.html`` and ``out_dir/report.json`` from the profile documents.
+
+    ``cover``: HTML (escaped already) opening the page, before the report (the package's
+    cover page); ``link_documents``: ``profile_objects`` are relative paths, shown as links.
+    """
     generated_at = time.time() if generated_at is None else generated_at
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(html=out_dir / "report.html", json=out_dir / "report.json")
@@ -143,6 +171,8 @@ def write_report(
             warnings=warnings,
             type_definitions_joined=type_definitions_joined,
             when=when,
+            cover=cover,
+            link_documents=link_documents,
         )
         head = {
             "report_version": REPORT_VERSION,
@@ -204,6 +234,8 @@ def _html_head(
     warnings: Sequence[str],
     type_definitions_joined: bool,
     when: str,
+    cover: str | None = None,
+    link_documents: bool = False,
 ) -> None:
     # The CSP forbids scripts and every external load: the page stays inert even if a value
     # from APSIS slipped through the escaping.
@@ -214,6 +246,7 @@ def _html_head(
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>Personal data export: job {esc(job_id)}</title>\n"
         f"<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"{cover or ''}"
         "<h1>What APSIS One holds about this person</h1>\n"
         '<p class="note">A summary of the profile export for a data subject access request. '
         "Values are shown as APSIS One returned them.</p>\n<dl>\n"
@@ -234,6 +267,11 @@ def _html_head(
     for warning in warnings:
         page.write(f'<p class="warn"><strong>Warning:</strong> {esc(warning)}</p>\n')
     page.write("<h2>Profiles</h2>\n")
+
+    def document(obj: str) -> str:
+        code = f"<code>{esc(obj)}</code>"
+        return f'<a href="{esc(obj)}">{code}</a>' if link_documents else code
+
     _table(
         page,
         ("Export key", "Role", "Sections", "Attributes", "History entries", "Events", "Document"),
@@ -245,10 +283,11 @@ def _html_head(
                 f"{profile.counts.attributes:,}",
                 f"{profile.counts.history:,}",
                 f"{profile.counts.events:,}",
-                f"<code>{esc(obj)}</code>",
+                document(obj),
             )
             for profile, obj in zip(profiles, profile_objects, strict=True)
         ),
+        css="profiles",
     )
 
 
@@ -259,10 +298,14 @@ def _html_profile_start(page: TextIO, profile: ProfileDocument) -> None:
     )
 
 
-def _table(page: TextIO, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """An HTML table: ``headers`` as text, each row's cells as HTML already escaped."""
+def _table(
+    page: TextIO, headers: Sequence[str], rows: Iterable[Sequence[str]], *, css: str = ""
+) -> None:
+    """An HTML table: ``headers`` as text, each row's cells as HTML already escaped;
+    ``css`` names the kind of table (the phone layout labels its cells by it)."""
     heads = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    page.write(f"<table>\n<thead><tr>{heads}</tr></thead>\n<tbody>\n")
+    kind = f' class="{esc(css)}"' if css else ""
+    page.write(f"<table{kind}>\n<thead><tr>{heads}</tr></thead>\n<tbody>\n")
     for cells in rows:
         page.write("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>\n")
     page.write("</tbody>\n</table>\n")
@@ -304,6 +347,7 @@ def _html_section(page: TextIO, section: _Section, obj: str) -> None:
                 (_label(row), esc(display(row["value"])), esc(display(row["changed_at"])))
                 for row in section.history
             ),
+            css="history",
         )
         _omitted(page, len(section.history), section.history_count, "history entries", obj)
     page.write(f"<h4>Events ({section.event_count:,})</h4>\n")
@@ -319,6 +363,7 @@ def _html_section(page: TextIO, section: _Section, obj: str) -> None:
                 )
                 for row in section.events
             ),
+            css="events",
         )
     else:
         page.write('<p class="note">None.</p>\n')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ from urllib.request import url2pathname
 
 import obstore
 from obstore.exceptions import BaseError
-from obstore.store import LocalStore, MemoryStore, from_url
+from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, S3Store, from_url
 
 from worker.config import KeyRing, parse_key_ring
 from worker.deliverable.envelope import (
@@ -23,7 +24,7 @@ from worker.deliverable.envelope import (
     encrypt_stream,
     is_encrypted,
 )
-from worker.errors import StorageError
+from worker.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore, RetryConfig, S3Config
@@ -199,6 +200,51 @@ class Storage:
             self._private_file(key)
 
         _guard(f"cannot store {self.location(key)}", put)
+
+    @property
+    def can_sign(self) -> bool:
+        """Whether this store can make presigned links (S3, GCS, Azure; not file:// or
+        memory://)."""
+        return isinstance(self._store, S3Store | GCSStore | AzureStore)
+
+    def sign_get(self, key: str, expires_in: timedelta) -> str:
+        """A presigned GET URL of ``key``, valid for ``expires_in``: a bearer credential,
+        never logged. ConfigError where the store cannot sign."""
+        store = self._store
+        if not isinstance(store, S3Store | GCSStore | AzureStore):
+            scheme = urlsplit(self.url).scheme
+            raise ConfigError(
+                f"a {scheme}:// store cannot sign links (STORAGE_URL); hand the file over "
+                f"another way: {self.location(key)}"
+            )
+        return _guard(
+            f"cannot sign a link to {self.location(key)}",
+            lambda: obstore.sign(store, "GET", key, expires_in),
+        )
+
+    def put_plaintext_copy(self, source: str, key: str, *, content_type: str) -> None:
+        """Store object ``source`` decrypted, as ``key``, NOT envelope-encrypted (S3's own
+        encryption still applies): only for a copy a presigned link hands to a person, who
+        has no key. Through a temporary file (obstore cannot read one object while it
+        uploads another from the same iterator: it hangs), so memory stays flat."""
+        with tempfile.TemporaryDirectory(prefix="apsis-copy-") as tmp:
+            plain = Path(tmp) / "object"
+            with plain.open("wb") as out:
+                for chunk in self.iter_bytes(source):
+                    out.write(chunk)
+
+            def put() -> None:
+                with plain.open("rb") as f:
+                    obstore.put(
+                        self._store,
+                        key,
+                        f,
+                        attributes=self._content_type(content_type),
+                        chunk_size=UPLOAD_PART_BYTES,
+                        max_concurrency=UPLOAD_CONCURRENCY,
+                    )
+
+            _guard(f"cannot store {self.location(key)}", put)
 
     def _private_folders(self, key: str) -> None:
         """file://: make (or restrict) the folders down to ``key`` LOCAL_DIR_MODE, before

@@ -52,6 +52,7 @@ SUMMARY_COLUMNS = [
     "state",
     "reason",
     "manifest",
+    "package",
     "merged_keys_found",
     "bytes",
     "job_id",
@@ -335,7 +336,7 @@ def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
     if refused is not None:  # the record under its job id is not this batch's: not read
         raw = rt.redis.lindex(items_key(batch.batch_id), index)
         export_key, reference = json.loads(raw) if raw else ("", None)
-        return [export_key, reference or "", "failed", refused, "", "", "", ""]
+        return [export_key, reference or "", "failed", refused, "", "", "", "", ""]
     job = rt.jobs.find(job_id_for(batch.batch_id, index)) if index < batch.submitted else None
     covering = rt.redis.hget(linked_key(batch.batch_id), str(index))
     if job is None and covering is not None:
@@ -350,6 +351,7 @@ def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
             "linked",
             reason,
             manifest or "",
+            (by.extra.get("package") or "") if by else "",
             "",
             "",
             by.job_id if by else "",
@@ -357,7 +359,7 @@ def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
     if job is None:
         raw = rt.redis.lindex(items_key(batch.batch_id), index)
         export_key, reference = json.loads(raw) if raw else ("", None)
-        return [export_key, reference or "", "cancelled", "batch cancelled", "", "", "", ""]
+        return [export_key, reference or "", "cancelled", "batch cancelled", "", "", "", "", ""]
     merged = json.loads(job.extra.get("merged_keys", "[]") or "[]")
     return [
         job.export_key,
@@ -365,6 +367,8 @@ def _summary_row(rt: Runtime, batch: Batch, index: int) -> list[str]:
         job.state.value if job.state in (State.DONE, State.FAILED) else "cancelled",
         job.error or "",
         job.manifest or "",
+        # The package's object name (jobs/<job_id>/package.zip): `apsis-export link` signs it.
+        job.extra.get("package") or "",
         ";".join(csv_cells.neutralise(key) for key in merged),
         str(job.source_bytes or ""),
         job.job_id,

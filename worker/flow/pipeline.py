@@ -33,6 +33,7 @@ from worker.errors import (
     RetryableApsisError,
     StorageError,
 )
+from worker.flow import delivery
 from worker.flow.runtime import Runtime
 from worker.model import callback_token, ids
 from worker.model.batch_store import FINALIZE_TASK
@@ -470,8 +471,17 @@ class Result:
     reference: str | None
     profiles: int
     merged_keys_found: int
+    #: The package's object name (``jobs/<job_id>/package.zip``); None without one.
+    package: str | None = None
+    #: A presigned link to it, only when the caller asked (``deliver``): a bearer credential.
+    package_link: str | None = None
+    package_link_expires_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
+        link = {
+            "package_link": self.package_link,
+            "package_link_expires_at": self.package_link_expires_at,
+        }
         return {
             "job_id": self.job_id,
             "state": self.state,
@@ -479,6 +489,8 @@ class Result:
             "reference": self.reference,
             "profiles": self.profiles,
             "merged_keys_found": self.merged_keys_found,
+            "package": self.package,
+            **(link if self.package_link else {}),
         }
 
 
@@ -600,6 +612,9 @@ def _fetch_and_store(
         # The readable report, streamed from the profile documents; listed in the manifest.
         reports = report.store_report(rt.storage, job, split, tmp / "report")
         progress()
+        # The package a DPO hands over (and its link, if the caller asked for one).
+        delivered = delivery.deliver_package(rt, job, split, tmp, progress)
+        progress()
         links = _merged_links(rt, job, split)
         finished = time.time()
         done = {"state": State.DONE.value, "at": round(finished, 3), "note": "stored"}
@@ -614,6 +629,7 @@ def _fetch_and_store(
                 finished_at=finished,
                 reports=reports,
                 links=links,
+                package=delivered.manifest_entry,
             )
         )
         rt.storage.put_bytes(manifest.manifest_object(job_id), body)  # the commit point
@@ -633,6 +649,7 @@ def _fetch_and_store(
             "profiles": len(split.profiles),
             "merged_found": sum(1 for p in split.profiles if p.role == "merged"),
             "merged_keys": [p.export_key for p in split.profiles if p.role == "merged"],
+            **delivered.job_fields,
         },
     )
     if links:
@@ -681,6 +698,9 @@ def _result(job: Job) -> Result:
         reference=job.reference,
         profiles=job.profiles or 0,
         merged_keys_found=int(job.extra.get("merged_found", "0") or 0),
+        package=job.extra.get(delivery.PACKAGE_FIELD) or None,
+        package_link=job.extra.get(delivery.LINK_FIELD) or None,
+        package_link_expires_at=float(job.extra.get(delivery.LINK_EXPIRES_FIELD) or 0) or None,
     )
 
 
@@ -761,6 +781,8 @@ def announce(rt: Runtime, job: Job) -> None:
             "job_id": job.job_id,
             "state": job.state.value,
             "manifest": job.manifest or "",
+            # The package's object name (never a link: links are bearer credentials).
+            "package": job.extra.get(delivery.PACKAGE_FIELD) or "",
             "batch_id": job.batch_id or "",
             "reference": job.reference or "",
         }

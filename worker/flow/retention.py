@@ -14,6 +14,7 @@ from typing import Any
 
 from worker.deliverable import manifest
 from worker.errors import StorageError
+from worker.flow import delivery
 from worker.flow.runtime import Runtime
 from worker.model import batch_store
 from worker.model.jobs import State
@@ -45,6 +46,8 @@ def _iso(unix: float) -> str:
 
 def due(rt: Runtime, *, now: float | None = None) -> bool:
     """Whether a sweep has anything to delete (Redis only: no storage I/O)."""
+    if delivery.deliveries_due(rt, now=now):
+        return True  # decrypted package copies whose links expired go, whatever the days
     days = rt.settings.RETENTION_DAYS
     if days <= 0:
         return False
@@ -65,11 +68,16 @@ def sweep_alone(rt: Runtime, *, now: float | None = None) -> list[str]:
 
 
 def sweep(rt: Runtime, *, now: float | None = None) -> list[str]:
-    """Delete what ended more than RETENTION_DAYS ago; return the ids deleted (0 = off)."""
+    """Delete what ended more than RETENTION_DAYS ago; return the ids deleted (0 = off).
+    Decrypted package copies whose links expired are deleted in every case."""
+    now = time.time() if now is None else now
+    try:
+        delivery.sweep_deliveries(rt, now=now)
+    except StorageError as exc:
+        log.error("retention: could not delete a delivery copy", extra={"reason": str(exc)})
     days = rt.settings.RETENTION_DAYS
     if days <= 0:
         return []
-    now = time.time() if now is None else now
     cutoff = now - days * DAY_SECONDS
     deleted: list[str] = []
     for job_id in rt.jobs.finished_before(cutoff, limit=RETENTION_BATCH):
@@ -107,9 +115,12 @@ def delete_job(rt: Runtime, job_id: str, *, now: float, reason: str) -> bool:
     # The listing is kept in the record before anything is deleted, so a sweep that dies
     # between the deletes and the deletion record still records every object.
     earlier: list[str] = json.loads(job.extra.get("deleting") or "[]")
-    objects = sorted(set(earlier) | set(rt.storage.list(prefix)))
+    # The package's decrypted delivery copies (deliveries/<job_id>/) go with the job.
+    stored = rt.storage.list(prefix) + rt.storage.list(delivery.delivery_prefix(job_id))
+    objects = sorted(set(earlier) | set(stored))
     rt.jobs.update(job_id, {"deleting": objects})
     rt.storage.delete_prefix(prefix)
+    delivery.delete_job_deliveries(rt, job_id)
     record: dict[str, Any] = {
         "kind": "job",
         "job_id": job_id,

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from worker.deliverable import manifest
+from worker.deliverable.package import CHECKSUMS
 from worker.errors import StorageError
 from worker.flow.runtime import Runtime
 from worker.model import batch_store
@@ -78,6 +82,8 @@ def listed_objects(body: dict[str, Any]) -> list[tuple[str, str | None, int | No
         entries.append(body["source"])
     entries += [p for p in body.get("profiles") or [] if isinstance(p, dict)]
     entries += [r for r in (body.get("reports") or {}).values() if isinstance(r, dict)]
+    if isinstance(body.get("package"), dict):
+        entries.append(body["package"])
     return [(str(e.get("object")), e.get("sha256"), e.get("bytes")) for e in entries]
 
 
@@ -122,12 +128,78 @@ def verify_job(rt: Runtime, job_id: str, out: Verification) -> None:
         out.problems.append(f"{key}: not valid JSON")
         return
     listed = listed_objects(body)
+    package = body.get("package") if isinstance(body.get("package"), dict) else None
     for obj, sha256, size in listed:
-        check_object(rt, obj, sha256, size, out)
+        if package is not None and obj == package.get("object"):
+            check_package(rt, obj, sha256, size, out)
+        else:
+            check_object(rt, obj, sha256, size, out)
     known = {obj for obj, _, _ in listed} | {key}
     for stored in rt.storage.list(manifest.job_prefix(job_id)):
         if stored not in known:
             out.problems.append(f"{stored}: stored but not listed in the manifest")
+
+
+def check_package(
+    rt: Runtime, key: str, sha256: str | None, size: int | None, out: Verification
+) -> None:
+    """The package's digest and size against the manifest, then inside it: a readable zip
+    whose every file matches checksums.sha256, which lists them all. Streamed to a
+    temporary file (a zip is read from its end), so memory stays flat."""
+    out.objects += 1
+    with tempfile.TemporaryDirectory(prefix="apsis-verify-") as tmp:
+        path = Path(tmp) / "package.zip"
+        digest = hashlib.sha256()
+        try:
+            if not rt.storage.exists(key):
+                out.problems.append(f"{key}: missing")
+                return
+            with path.open("wb") as f:
+                for chunk in rt.storage.iter_bytes(key):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except StorageError as exc:
+            out.problems.append(f"{key}: unreadable: {exc}")
+            return
+        actual, actual_size = digest.hexdigest(), path.stat().st_size
+        if actual != sha256:
+            out.problems.append(
+                f"{key}: sha256 mismatch (manifest {str(sha256)[:16]}…, stored {actual[:16]}…)"
+            )
+            return
+        if size is not None and actual_size != size:
+            out.problems.append(f"{key}: size mismatch (manifest {size}, stored {actual_size})")
+        out.problems.extend(f"{key}: {problem}" for problem in _zip_problems(path))
+
+
+def _zip_problems(path: Path) -> list[str]:
+    """What is wrong inside a package zip: unreadable, or files and checksums.sha256 apart."""
+    problems: list[str] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+            if CHECKSUMS not in names:
+                return [f"no {CHECKSUMS} inside"]
+            listed: dict[str, str] = {}
+            for line in zf.read(CHECKSUMS).decode("utf-8", "replace").splitlines():
+                digest, _, name = line.partition("  ")
+                listed[name] = digest
+            for name in names:
+                if name == CHECKSUMS:
+                    continue
+                if name not in listed:
+                    problems.append(f"{name}: inside but not in {CHECKSUMS}")
+                    continue
+                sha = hashlib.sha256()
+                with zf.open(name) as member:
+                    while chunk := member.read(1024 * 1024):
+                        sha.update(chunk)
+                if sha.hexdigest() != listed[name]:
+                    problems.append(f"{name}: sha256 does not match {CHECKSUMS}")
+            problems += [f"{n}: in {CHECKSUMS} but not inside" for n in listed if n not in names]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        problems.append(f"not a readable zip ({type(exc).__name__})")
+    return problems
 
 
 def verify_batch(rt: Runtime, batch_id: str, out: Verification) -> None:

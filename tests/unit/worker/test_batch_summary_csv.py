@@ -66,6 +66,10 @@ def test_formula_cells_in_the_summary_are_shown_as_text() -> None:
     assert rows[1]["export_key"] == "'+44 20 7946 0000"
     assert rows[1]["reference"] == "'\tTAB-1"
     assert rows[2]["export_key"] == "ann@example.com"  # harmless cells are unchanged
+    # Each done job's row names its package, for `apsis-export link`.
+    assert [row["package"] for row in rows] == [
+        f"jobs/{batch_store.job_id_for('b1', n)}/package.zip" for n in range(3)
+    ]
     # No cell of the file starts a formula, and every cell is quoted.
     for line in text.splitlines():
         assert line.startswith('"') and line.endswith('"')
