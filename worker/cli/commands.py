@@ -154,8 +154,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if data["line"]:
         place = data["line"]
         eta = place["eta_seconds"]
-        when = f"request in about {eta:.0f} s" if eta is not None else "account not configured"
-        print(f"in line   {place['lane']} lane, {place['ahead']} ahead, {when}")
+        step = place["line"]  # "request" or "download"
+        when = f"{step} in about {eta:.0f} s" if eta is not None else "account not configured"
+        print(f"in line   {step} line, {place['lane']} lane, {place['ahead']} ahead, {when}")
     if job.manifest:
         print(f"manifest  {for_terminal(job.manifest)}")
         print(f"profiles  {job.profiles}  bytes {job.source_bytes}")

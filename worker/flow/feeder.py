@@ -406,29 +406,36 @@ def _pick_lane(line: DispatchLine, account: str, state: _Account) -> str | None:
 
 
 def place_of(rt: Runtime, job: Job) -> dict[str, Any] | None:
-    """Where a queued job's request waits, and about when it leaves (None: not in line).
+    """Where a waiting job stands, and about when it leaves (None: in no line): a queued
+    job's request in the request line, a ready job's fetch in the download line
+    (``"line"``: "request" or "download").
 
-    The estimate counts the requests ahead of it at the account's paced rate, and the slots
-    running batches keep while singles wait; a request waiting for its retry leaves when
-    that is due."""
-    if job.state != State.QUEUED:
+    The estimate counts those ahead of it at the account's paced rate, and the slots
+    batches keep while singles wait; one waiting for its retry leaves when that is due."""
+    if job.state == State.QUEUED:
+        line, which = rt.line, "request"
+    elif job.state == State.READY:
+        line, which = rt.fetches, "download"
+    else:
         return None
     account = job.account or rt.settings.APSIS_ACCOUNT
-    place = rt.line.place(account, job.job_id)
+    place = line.place(account, job.job_id)
     if place is None:
         return None
+    found: dict[str, Any] = {"line": which, "lane": place.lane, "ahead": place.ahead}
     if place.retry_at is not None:
-        eta = max(place.retry_at - time.time(), 0.0)
-    else:
-        try:
-            interval = rt.apsis_for(account).limits.export.interval
-        except ConfigError:
-            return {"lane": place.lane, "ahead": place.ahead, "eta_seconds": None}
-        share = 1.0
-        if place.lane == "single" and _runnable(rt, account):
-            share = (SINGLES_PER_BATCH_SLOT + 1) / SINGLES_PER_BATCH_SLOT
-        eta = (place.ahead + 1) * interval * share
-    return {"lane": place.lane, "ahead": place.ahead, "eta_seconds": round(eta, 1)}
+        return {**found, "eta_seconds": round(max(place.retry_at - time.time(), 0.0), 1)}
+    try:
+        limits = rt.apsis_for(account).limits
+    except ConfigError:
+        return {**found, "eta_seconds": None}
+    interval = (limits.export if which == "request" else limits.download).interval
+    share = 1.0
+    batches_wait = _runnable(rt, account) if which == "request" else line.waiting(account, "batch")
+    if place.lane == "single" and batches_wait:
+        share = (SINGLES_PER_BATCH_SLOT + 1) / SINGLES_PER_BATCH_SLOT
+    eta = (place.ahead + 1) * interval * share
+    return {**found, "eta_seconds": round(eta, 1)}
 
 
 def accounts_with_work(rt: Runtime) -> list[str]:

@@ -311,3 +311,30 @@ def test_a_fetch_dispatched_and_never_begun_is_dispatched_again() -> None:
     dispatched: list[str] = []
     _serve_downloads(rt, dispatched)
     assert dispatched == ["s1"]
+
+
+def test_status_gauges_and_page_show_a_fetch_waiting_in_the_download_line() -> None:
+    from webhook.status import gather
+    from worker.ops.gauges import PoolCollector
+
+    rt = _rt(FeedApsis())
+    for job_id in ("s1", "s2"):
+        _ready(rt, job_id)
+        rt.fetches.enqueue(ACCOUNT, job_id, "single")
+
+    place = feeder.place_of(rt, rt.jobs.get("s2"))
+    assert place is not None
+    assert (place["line"], place["lane"], place["ahead"]) == ("download", "single", 1)
+    interval = FeedApsis().limits.download.interval
+    assert place["eta_seconds"] == round(2 * interval, 1)
+
+    families = {f.name: f for f in PoolCollector(rt.redis).collect()}
+    samples = {
+        tuple(sorted(s.labels.items())): s.value
+        for s in families["apsis_export_download_line_requests"].samples
+    }
+    assert samples[(("account", ACCOUNT), ("lane", "single"))] == 2
+    page = gather(rt.redis, time.time())
+    assert [(r["line"], r["lane"], r["waiting"]) for r in page["lines"]] == [
+        ("downloads", "single", 2)
+    ]
