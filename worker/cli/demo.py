@@ -57,7 +57,9 @@ def run(*, keep: bool = False) -> int:
         ok = _summary(rt, job_ids)
         _say(f"\nresults   {settings.STORAGE_URL}/jobs/<job id>/")
         _say("          manifest.json (written last), report.html (open it in a browser),")
-        _say("          report.json, export.json (as APSIS served it), profiles/<n>.json")
+        _say("          report.json, export.json (as APSIS served it), profiles/<n>.json,")
+        if settings.PACKAGE_ENABLED:
+            _say("          package.zip (what a DPO hands over: index.html, JSON, CSV, checksums)")
         return 0 if ok else 1
     finally:
         stack.stop()
