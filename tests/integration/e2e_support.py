@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import requests
 from celery import chain
 
 from worker.cli.stack import LocalStack
@@ -30,6 +33,60 @@ CHROMIUM = "/usr/bin/chromium"
 OUTPUT = REPO / "test-output"
 #: Seconds one headless Chromium run may take.
 CHROMIUM_TIMEOUT = 120
+
+
+#: The limits' scale: 10 in `make test` (short runs, same shape); `make faults` sets
+#: APSIS_TEST_SCALE=1 to run the tests at APSIS's documented rates.
+SCALE = int(os.environ.get("APSIS_TEST_SCALE", "10"))
+
+
+def stack_at_limits(
+    make_stack: StackFactory,
+    *,
+    scale: int,
+    workers: int = 2,
+    exports_per_second: int = 1,
+    sandbox_process: bool = True,
+    env: dict[str, str] | None = None,
+) -> LocalStack:
+    """A stack whose pool paces at, and whose sandbox enforces, APSIS's documented limits
+    (1 export/s, 60 downloads/min, 10 tokens/min) x ``scale``; ``exports_per_second``
+    replaces the documented 1 export/s. ``sandbox_process=False`` runs the sandbox in this
+    process (``stack.sandbox.state``: for faults the control API cannot make); ``env`` adds
+    to or overrides the workers' settings (WATCHDOG_INTERVAL is 2 s unless given)."""
+    export, download, token = exports_per_second * scale, 60 * scale, 10 * scale
+    stack = make_stack(
+        workers=workers,
+        concurrency=2,
+        sandbox_process=sandbox_process,
+        env={
+            "APSIS_EXPORT_RATE": str(export),
+            "APSIS_DOWNLOAD_RATE": str(download),
+            "APSIS_TOKEN_RATE": str(token),
+            "WATCHDOG_INTERVAL": "2",
+            **(env or {}),
+        },
+    )
+    limits = {"export": [export, 1.0], "download": [download, 60.0], "token": [token, 60.0]}
+    requests.patch(
+        f"{stack.apsis_url}/_sandbox/config", json={"limits": limits}, timeout=5
+    ).raise_for_status()
+    return stack
+
+
+def watchdog_rescues(log_dir: Path) -> list[dict[str, Any]]:
+    """Every sweep that acted (re-requested, re-dispatched, failed or resumed anything)."""
+    return log_events(log_dir, "watchdog")
+
+
+def rescue_counts(log_dir: Path) -> Counter[str]:
+    """What the sweeps that acted did, summed over them: their reason's ``name=N`` fields
+    (rerequested, failed, redispatched, chains, batches_finalized, requeued_messages)."""
+    counts: Counter[str] = Counter()
+    for sweep in watchdog_rescues(log_dir):
+        for name, value in re.findall(r"(\w+)=(\d+)", str(sweep.get("reason", ""))):
+            counts[name] += int(value)
+    return counts
 
 
 def wait_final(jobs: JobStore, job_ids: list[str], *, timeout: float = 60.0) -> list[Job]:

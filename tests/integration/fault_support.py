@@ -13,6 +13,8 @@ can do two things its HTTP control API cannot do without side effects:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import threading
 import time
@@ -23,6 +25,8 @@ from typing import Any
 import redis
 
 from sandbox.state import SandboxState
+from worker.deliverable.storage import Storage
+from worker.queue.nodes import CLAIMING_NODES, claims_key
 
 #: Bytes of the export file served to the "big" keys (kills may land mid-download/parse/upload).
 BIG_FILE_BYTES = 12_000_000
@@ -142,6 +146,48 @@ def leased_jobs(client: redis.Redis) -> set[str]:
     found: set[str] = set()
     for raw in client.scan_iter(match="apsis:lease:*", count=1000):
         found.add(raw.decode().removeprefix("apsis:lease:"))
+    return found
+
+
+def fetching_worker(client: redis.Redis, job_id: str) -> int | None:
+    """The pid of the worker node (its main process, as LocalStack started it) whose pool
+    runs the job's fetch: the node that claimed the job's unacknowledged
+    ``apsis.fetch_export`` message (``apsis:claims:<node>``, the node id ``host-pid-hex``)."""
+    unacked: dict[bytes, bytes] = client.hgetall("unacked")  # type: ignore[assignment]
+    tags = [
+        tag
+        for tag, raw in unacked.items()
+        if (headers := json.loads(raw)[0].get("headers") or {}).get("task") == "apsis.fetch_export"
+        and job_id in str(headers.get("argsrepr"))
+    ]
+    nodes: list[bytes] = client.hkeys(CLAIMING_NODES)  # type: ignore[assignment]
+    for node in nodes:
+        for tag in tags:
+            if client.zscore(claims_key(node.decode()), tag) is not None:
+                return int(node.decode().rsplit("-", 2)[1])
+    return None
+
+
+def stored_problems(storage: Storage, job_id: str, served_sha256: set[str]) -> list[str]:
+    """What is wrong with a done job's objects: the stored source is not a file the sandbox
+    served complete for it (``served_sha256``), an object differs from its manifest entry,
+    or the job's folder holds objects the manifest does not name. Empty: stored once, right."""
+    found: list[str] = []
+    manifest = json.loads(storage.get_bytes(f"jobs/{job_id}/manifest.json"))
+    if manifest.get("state") != "done":
+        return [f"manifest says {manifest.get('state')}"]
+    if manifest["source"]["sha256"] not in served_sha256:
+        found.append("stored source is not what the sandbox served")
+    entries = [manifest["source"], *manifest["profiles"], *manifest.get("reports", {}).values()]
+    if manifest.get("package"):
+        entries.append(manifest["package"])
+    named = {entry["object"]: entry["sha256"] for entry in entries}
+    for path, digest in named.items():
+        if hashlib.sha256(storage.get_bytes(path)).hexdigest() != digest:
+            found.append(f"{path} differs from its manifest entry")
+    listed = set(storage.list(f"jobs/{job_id}")) - {f"jobs/{job_id}/manifest.json"}
+    if listed != set(named):
+        found.append(f"objects not in the manifest or missing: {sorted(listed ^ set(named))}")
     return found
 
 

@@ -502,8 +502,8 @@ def fetch_and_store(
     ``slot_at``: the download slot (unix time) the download line reserved for this fetch;
     None: take one from the limiter now. Every object path derives from the job id, so a
     re-run rewrites the same objects. A lease keeps a second copy of this task from
-    downloading the same file at once; that copy ends (if the holder dies, the sweep puts
-    the job back on the download road within LEASE_SECONDS + WATCHDOG_INTERVAL).
+    downloading the same file at once; that copy waits in the download line until the lease
+    would lapse (its holder died: the copy carries on then) and looks again.
     """
     started_at = time.time()
     job = rt.jobs.get(job_id)
@@ -528,9 +528,11 @@ def fetch_and_store(
             if job.state != State.READY or not job.download_url:
                 return _result(job) if job.state == State.DONE else None
             return _fetch_and_store(rt, job, Path(tmp), dispatch, lease.progress, slot_at=slot_at)
-    except LeaseBusy:
-        log.info("fetch already under way elsewhere; this copy ends", extra={"job_id": job_id})
-        return None
+    except LeaseBusy as busy:
+        # Another copy holds the job. If its worker died, the lease lapses within
+        # retry_after: this copy waits in the download line until then and tries again
+        # (the holder, if alive, renews it, and the job is done before long).
+        raise RetryLater(busy.retry_after + 0.5, str(busy)) from None
 
 
 class _ReportingWriter:
