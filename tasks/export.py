@@ -96,8 +96,12 @@ def export_profile(
         return {"job_id": job_id, "state": "rejected", "error": str(exc)}
     if link_seconds:
         delivery.ask_for_link(rt, job_id, link_seconds)
-    pipeline.place_in_line(rt, job_id)
-    return {"job_id": job_id, "state": rt.jobs.get(job_id).state.value}
+    placed = pipeline.place_in_line(rt, job_id)
+    # The job and its place in line outlive a failover before the message is acknowledged.
+    rt.confirm_writes()
+    # Placed: it was queued a moment ago (no second read of the job for its state).
+    state = "queued" if placed else rt.jobs.get(job_id).state.value
+    return {"job_id": job_id, "state": state}
 
 
 @shared_task(name="apsis.request_export")
@@ -165,6 +169,7 @@ def export_batch(
         )
     except InputError as exc:
         return {"batch_id": batch_id, "state": "rejected", "error": str(exc)}
+    rt.confirm_writes()  # the batch outlives a failover before the message is acknowledged
     # The feeder threads of the worker nodes pick the batch up from here.
     return {"batch_id": batch_id, "state": "running"}
 

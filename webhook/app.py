@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException
 from webhook import callbacks, health, metrics, status
 from webhook.resources import WebhookResources
 from worker.config import Settings, load_settings
-from worker.flow.runtime import redis_client
+from worker.flow.runtime import redis_client, replica_ack
 from worker.model.inbox import Inbox
 from worker.model.jobs import JobStore
 
@@ -24,8 +24,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Werkzeug refuses larger bodies with 413 before reading them (Content-Length or not).
     app.config["MAX_CONTENT_LENGTH"] = settings.CALLBACK_MAX_BYTES
     client = redis_client(settings.redis_connection(), timeout=WEBHOOK_REDIS_TIMEOUT)
+    # A callback is answered 2xx only once the replicas asked for hold it (else 503).
+    inbox = Inbox(client, replicas=replica_ack(settings))
     app.extensions["apsis"] = WebhookResources(
-        settings=settings, redis=client, jobs=JobStore(client), inbox=Inbox(client)
+        settings=settings, redis=client, jobs=JobStore(client), inbox=inbox
     )
 
     app.register_blueprint(callbacks.bp)

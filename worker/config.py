@@ -152,20 +152,59 @@ class RedisTls:
 
 @dataclass(frozen=True)
 class RedisConnection:
-    """How every client reaches Redis (redis-py, the Celery broker): the one place a new way
-    of connecting (Sentinel, say) is added. ``url`` carries no TLS query options: they are
-    in ``tls`` (merged from REDIS_URL's query and the REDIS_TLS_* settings)."""
+    """How every client reaches Redis (redis-py, the Celery broker): the one place a way of
+    connecting (one server, a Sentinel group) is decided. ``url`` carries no TLS query
+    options: they are in ``tls`` (merged from REDIS_URL's query and the REDIS_TLS_*
+    settings)."""
 
     #: Never in the repr: it may carry the ACL user's password.
     url: str = field(repr=False)
     tls: RedisTls | None = None
+    #: A Sentinel group (REDIS_SENTINELS): the primary is whichever server the sentinels
+    #: name for ``master``; the URL then gives only the scheme (TLS or not), the ACL user,
+    #: password and database. Empty: the URL's host is Redis itself.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str | None = None
+    #: The sentinels' own password (REDIS_SENTINEL_PASSWORD), if they ask for one.
+    sentinel_password: str | None = field(default=None, repr=False)
 
     @property
     def where(self) -> str:
         """scheme://host:port/db, without credentials or query: safe to print."""
         parts = urlsplit(self.url)
+        if self.sentinels:
+            group = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"{parts.scheme}://{self.master} via sentinels {group}{parts.path}"
         port = f":{parts.port}" if parts.port else ""
         return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """How redis-py and kombu reach the sentinels themselves: with the same TLS as Redis
+        (a TLS deployment runs its sentinels on TLS too) and their own password, if any."""
+        kwargs: dict[str, Any] = {}
+        if self.tls is not None:
+            kwargs = {"ssl": True, **self.redis_kwargs()}
+        if self.sentinel_password:
+            kwargs["password"] = self.sentinel_password
+        return kwargs
+
+    def broker_url(self) -> str:
+        """Celery's ``broker_url``: the URL itself, or one ``sentinel://`` URL per sentinel
+        (kombu's form), each with the ACL user, password and database for the primary."""
+        if not self.sentinels:
+            return self.url
+        parts = urlsplit(self.url)
+        auth = parts.netloc.rpartition("@")[0]
+        auth = f"{auth}@" if auth else ""
+        return ";".join(
+            f"sentinel://{auth}{host}:{port}{parts.path}" for host, port in self.sentinels
+        )
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        """kombu's options for a Sentinel group (none without one)."""
+        if not self.sentinels:
+            return {}
+        return {"master_name": self.master, "sentinel_kwargs": self.sentinel_kwargs()}
 
     def redis_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``redis.Redis.from_url(self.url, ...)`` for the TLS options."""
@@ -202,6 +241,18 @@ def _readable_file(path: str, name: str) -> str:
     return full
 
 
+def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """REDIS_SENTINELS (``host:port,host:port,...``); ValueError naming what is wrong."""
+    found: list[tuple[str, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        host, _, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"REDIS_SENTINELS is invalid: {item!r} is not host:port")
+        found.append((host, int(port)))
+    return tuple(found)
+
+
 def redis_connection(
     url: str,
     *,
@@ -209,12 +260,39 @@ def redis_connection(
     ca_file: str | None = None,
     cert_file: str | None = None,
     key_file: str | None = None,
+    sentinels: str | None = None,
+    master: str | None = None,
+    sentinel_password: str | None = None,
 ) -> RedisConnection:
-    """REDIS_URL plus the REDIS_TLS_* settings as one RedisConnection; ValueError (never
-    quoting the URL, which may hold a password) on a TLS option that cannot work.
+    """REDIS_URL plus the REDIS_TLS_* and REDIS_SENTINEL* settings as one RedisConnection;
+    ValueError (never quoting the URL, which may hold a password) on a TLS option or a
+    Sentinel setting that cannot work.
 
     A TLS option in the URL's query wins over its setting.
     """
+    group = parse_sentinels(sentinels) if sentinels else ()
+    if group and not master:
+        raise ValueError("REDIS_SENTINELS is set without REDIS_SENTINEL_MASTER")
+    if master and not group:
+        raise ValueError("REDIS_SENTINEL_MASTER is set without REDIS_SENTINELS")
+    if group and urlsplit(url).scheme == "unix":
+        raise ValueError("REDIS_SENTINELS needs a redis:// or rediss:// REDIS_URL")
+    found = _redis_connection(
+        url, cert_reqs=cert_reqs, ca_file=ca_file, cert_file=cert_file, key_file=key_file
+    )
+    if not group:
+        return found
+    return RedisConnection(found.url, found.tls, group, master, sentinel_password or None)
+
+
+def _redis_connection(
+    url: str,
+    *,
+    cert_reqs: str | None,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+) -> RedisConnection:
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     from_url = {name: value for name, value in query if name in URL_TLS_OPTIONS}
@@ -323,6 +401,20 @@ class Settings(BaseSettings):
     REDIS_TLS_CERT_FILE: str | None = None
     REDIS_TLS_KEY_FILE: str | None = None
     REDIS_TLS_CERT_REQS: str | None = None
+    #: A Redis Sentinel group instead of one server: ``host:port,host:port,...`` and the
+    #: name the sentinels monitor the primary under. REDIS_URL then gives the scheme (TLS
+    #: or not), the ACL user, password and database; its host is not used.
+    REDIS_SENTINELS: str | None = None
+    REDIS_SENTINEL_MASTER: str | None = None
+    #: The sentinels' own password (``requirepass`` in sentinel.conf), if they ask for one.
+    REDIS_SENTINEL_PASSWORD: str | None = Field(None, repr=False)
+    #: Replicas that must hold a write someone relies on (the inbox entry before the
+    #: webhook's 2xx, a job's creation before its task ends, each state transition) before
+    #: we go on (Redis's WAIT); 0 (default) turns it off: set it when Redis has replicas
+    #: that a failover may promote. Not confirmed within REDIS_WAIT_TIMEOUT_MS (ms), the
+    #: webhook answers 503 and a task goes back on the queue, as when Redis is down.
+    REDIS_MIN_REPLICAS_ACK: int = Field(0, ge=0, le=16)
+    REDIS_WAIT_TIMEOUT_MS: int = Field(1000, gt=0, le=60_000)
 
     # The callback webhook
     #: Public base URL of the webhook, as APSIS must reach it (e.g. https://hooks.example.com).
@@ -431,13 +523,17 @@ class Settings(BaseSettings):
         return self
 
     def redis_connection(self) -> RedisConnection:
-        """How every client reaches Redis: REDIS_URL with the REDIS_TLS_* settings."""
+        """How every client reaches Redis: REDIS_URL with the REDIS_TLS_* settings, through
+        a Sentinel group when REDIS_SENTINELS is set."""
         return redis_connection(
             self.REDIS_URL,
             cert_reqs=self.REDIS_TLS_CERT_REQS or None,
             ca_file=self.REDIS_TLS_CA_FILE or None,
             cert_file=self.REDIS_TLS_CERT_FILE or None,
             key_file=self.REDIS_TLS_KEY_FILE or None,
+            sentinels=self.REDIS_SENTINELS or None,
+            master=self.REDIS_SENTINEL_MASTER or None,
+            sentinel_password=self.REDIS_SENTINEL_PASSWORD or None,
         )
 
     @field_validator("STORAGE_URL")

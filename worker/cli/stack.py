@@ -229,9 +229,18 @@ class LocalStack:
 
     @property
     def producer(self) -> Celery:
-        """A Celery app as another service would have: only a broker URL."""
+        """A Celery app as another service would have: only a broker URL (through the
+        Sentinel group, with kombu's own Sentinel transport, when REDIS_SENTINELS is set)."""
         if self._producer is None:
-            self._producer = Celery("caller", broker=self.redis_url)
+            sentinels = self.env.get("REDIS_SENTINELS")
+            if sentinels:
+                broker = ";".join(f"sentinel://{s.strip()}/0" for s in sentinels.split(","))
+                self._producer = Celery("caller", broker=broker)
+                self._producer.conf.broker_transport_options = {
+                    "master_name": self.env["REDIS_SENTINEL_MASTER"]
+                }
+            else:
+                self._producer = Celery("caller", broker=self.redis_url)
             self._producer.conf.task_serializer = "json"
         return self._producer
 

@@ -520,7 +520,9 @@ def fetch_and_store(
     rt.jobs.update(job_id, {"fetch_started_at": repr(started_at)})
     # The lease is renewed only while the step makes progress: a step hung for good (a
     # storage call that never returns) lets go of the job, and the sweep dispatches it again.
-    lease = JobLease(rt.redis, job_id, stall_after=rt.settings.STEP_STALL_AFTER)
+    lease = JobLease(
+        rt.redis, job_id, stall_after=rt.settings.STEP_STALL_AFTER, replicas=rt.replicas
+    )
     try:
         with lease, tempfile.TemporaryDirectory(prefix="apsis-") as tmp:
             # Read again under the lease: another copy may have finished it meanwhile.

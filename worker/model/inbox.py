@@ -13,6 +13,8 @@ from typing import Any
 
 import redis
 
+from worker.model.replicas import OFF, ReplicaAck
+
 #: The stream's name and its consumer group's.
 STREAM = "apsis:inbox"
 GROUP = "apsis-workers"
@@ -79,8 +81,18 @@ return {'recorded', id}
 class Inbox:
     """Append and consume recorded callbacks."""
 
-    def __init__(self, client: redis.Redis, *, stream: str = STREAM, group: str = GROUP) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        stream: str = STREAM,
+        group: str = GROUP,
+        replicas: ReplicaAck = OFF,
+    ) -> None:
         self._client = client
+        #: A recorded callback is confirmed by this many replicas before record() returns
+        #: (the webhook answers 2xx only then).
+        self.replicas = replicas
         self.stream = stream
         self.group = group
         self._group_ready = False
@@ -97,11 +109,14 @@ class Inbox:
         flood_limit: int,
         flood_window: int,
     ) -> tuple[str, str | None]:
-        """Check the job and the flood limit and append the callback, atomically.
+        """Check the job and the flood limit and append the callback, atomically (and
+        confirmed by the replicas asked for: NotReplicated, a ConnectionError, if not).
 
         Returns (outcome, entry id if recorded); see _RECORD for the outcomes.
         """
-        answer: Any = self._record(
+        answer: Any = self.replicas.run(
+            self._client,
+            self._record,
             keys=[job_key, f"apsis:flood:{job_id}", self.stream],
             args=[attempt, code, message, repr(time.time()), flood_limit, flood_window, job_id],
         )

@@ -20,6 +20,7 @@ import redis
 
 from worker.errors import BatchEnded, JobIdConflict, JobNotFound
 from worker.model import purpose
+from worker.model.replicas import OFF, ReplicaAck
 from worker.telemetry import metrics
 
 
@@ -312,10 +313,18 @@ class JobStore:
     """Reads and changes job records; the only code that writes them."""
 
     def __init__(
-        self, client: redis.Redis, *, prefix: str = "apsis", secrets: tuple[str, ...] = ()
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "apsis",
+        secrets: tuple[str, ...] = (),
+        replicas: ReplicaAck = OFF,
     ) -> None:
         self._client = client
         self._prefix = prefix
+        #: Transitions are confirmed by this many replicas before they return (a creation
+        #: by its task, with what else it wrote: ``Runtime.confirm_writes``).
+        self.replicas = replicas
         #: Keys of the purpose digests, current first (CALLBACK_SECRET, then the previous).
         self.secrets = purpose.secrets_of(*secrets[:2])
         self._transition = client.register_script(_TRANSITION)
@@ -473,7 +482,9 @@ class JobStore:
             self.deadlines_key,
             self.finished_key,
         ]
-        applied, state, *refused = self._transition(keys=keys, args=args)
+        applied, state, *refused = self.replicas.run(
+            self._client, self._transition, keys=keys, args=args
+        )
         if refused:
             raise BatchEnded(job_id, _text(refused[0]))
         if applied and to in FINAL:

@@ -20,6 +20,8 @@ from types import TracebackType
 
 import redis
 
+from worker.model.replicas import OFF, ReplicaAck
+
 log = logging.getLogger("apsis.lease")
 
 #: Seconds a lease lives without a heartbeat: how long a killed worker's job waits.
@@ -57,8 +59,12 @@ class JobLease:
         *,
         prefix: str = "apsis",
         stall_after: float | None = None,
+        replicas: ReplicaAck = OFF,
     ) -> None:
         self._client = client
+        #: The lease is confirmed by this many replicas before the holder acts under it: a
+        #: failover must not hand the job to a second fetch while this one downloads.
+        self._replicas = replicas
         self._key = f"{prefix}:lease:{job_id}"
         self._job_id = job_id
         self._owner = uuid.uuid4().hex
@@ -72,9 +78,19 @@ class JobLease:
         self._release = client.register_script(_RELEASE)
 
     def __enter__(self) -> JobLease:
-        if not self._client.set(self._key, self._owner, nx=True, ex=LEASE_SECONDS):
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._key, self._owner, nx=True, ex=LEASE_SECONDS)
+        self._replicas.fold(pipe)
+        taken, *acked = pipe.execute()
+        if not taken:
             remaining = int(self._client.pttl(self._key))
             raise LeaseBusy(max(remaining, 1000) / 1000)
+        if acked:
+            try:
+                self._replicas.check(acked[0])
+            except redis.ConnectionError:
+                self._release(keys=[self._key], args=[self._owner])
+                raise
         self._thread = threading.Thread(target=self._beat, name="apsis-lease", daemon=True)
         self._thread.start()
         return self

@@ -106,6 +106,8 @@ def needed_access(queue: str, *, db: int = 0) -> list[tuple[str, ...]]:
         ("set", "unacked_mutex", "1", "NX", "EX", "1"),
         # Celery's worker heartbeats (sent even with task events off).
         ("publish", heartbeat, "v"),
+        # Writes confirmed by replicas (REDIS_MIN_REPLICAS_ACK, worker.model.replicas).
+        ("wait", "0", "0"),
     ]
     if db:
         access.insert(0, ("select", str(db)))

@@ -18,6 +18,13 @@ from worker.telemetry.logs import configure_logging
 TASK_MODULES = ["tasks.export", "tasks.maintenance"]
 #: More task modules to load, comma-separated (e.g. ``bench.tasks`` for the benchmarks).
 EXTRA_INCLUDE_ENV = "CELERY_EXTRA_INCLUDE"
+#: Publishing through a Sentinel failover: up to 40 tries, 0.5 s apart (about 20 s).
+FAILOVER_PUBLISH_RETRY = {
+    "max_retries": 40,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
 
 
 def task_modules() -> list[str]:
@@ -30,16 +37,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings; each overridable by its environment variable (see the README)."""
     queue = celery_queue()
     redis_at = settings.redis_connection()
+    sentinel = bool(redis_at.sentinels)
     return {
-        # The URL without TLS query options, which kombu would let replace broker_use_ssl.
-        "broker_url": redis_at.url,
+        # The URL without TLS query options, which kombu would let replace broker_use_ssl;
+        # through a Sentinel group, one sentinel:// URL per sentinel.
+        "broker_url": redis_at.broker_url(),
         # TLS as for every other client; for rediss:// always set, so kombu never falls
         # back to not checking the server's certificate.
         "broker_use_ssl": redis_at.broker_ssl(),
-        # kombu's Redis transport, taking messages so that a lost connection loses none.
-        "broker_transport": "worker.queue.broker:Transport",
+        # kombu's Redis transport, taking messages so that a lost connection loses none
+        # (its Sentinel flavour: the same channel, on whichever server is the primary).
+        "broker_transport": "worker.queue.broker:"
+        + ("SentinelTransport" if sentinel else "Transport"),
         "broker_connection_retry_on_startup": True,
+        # Through a failover a publish meets no primary for a few seconds (the sentinels'
+        # down-after-milliseconds plus the election): retry it for up to ~20 s rather than
+        # kombu's 3 tries in 0.4 s, which would fail the step that sends it.
+        **({"task_publish_retry_policy": FAILOVER_PUBLISH_RETRY} if sentinel else {}),
         "broker_transport_options": {
+            **redis_at.broker_transport_options(),
             "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT,
             # Look for unacknowledged messages past the visibility timeout every 10 s, not
             # every 10th time (100 s): a killed worker's tasks come back that much sooner.

@@ -16,6 +16,11 @@
 
 Both were found by our fault suite (a job missing after a Redis restart) and reproduced with
 Redis restarts under load; tests/integration/test_broker.py keeps them fixed.
+
+3. Through a Sentinel group (``SentinelTransport``, for ``sentinel://`` broker URLs): the same
+   channel, its connections made by kombu's Sentinel channel, which asks the sentinels for
+   the primary on every new connection; after a failover the consumer's lost connection
+   makes Celery reconnect, to the new primary.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from worker.model.sentinel import PrimaryConnection, PrimarySSLConnection
 from worker.queue import inflight, nodes
 from worker.queue.inflight import inflight_key
 
@@ -40,6 +46,7 @@ log = logging.getLogger("apsis.broker")
 _RedisChannel: Any = kombu_redis.Channel
 _RedisTransport: Any = kombu_redis.Transport
 _RedisQoS: Any = kombu_redis.QoS
+_RedisSentinelChannel: Any = kombu_redis.SentinelChannel
 
 
 class AlreadyRequeued(Exception):
@@ -172,3 +179,20 @@ class Transport(_RedisTransport):  # type: ignore[misc]
     """kombu's Redis transport with our channel; set as Celery's ``broker_transport``."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, _RedisSentinelChannel):  # type: ignore[misc]
+    """Our channel (BLMOVE, claims, settling) on connections to the primary a Sentinel
+    group names: kombu's Sentinel channel supplies the pool (``_get_pool``) and the
+    Sentinel-managed connection classes (ours: they find the primary again on every
+    reconnect, see ``worker.model.sentinel``), our channel everything else."""
+
+    connection_class = PrimaryConnection
+    connection_class_ssl = PrimarySSLConnection
+
+
+class SentinelTransport(Transport):
+    """Our transport through a Sentinel group (``sentinel://`` URLs, ``master_name``)."""
+
+    default_port = 26379
+    Channel = SentinelChannel

@@ -53,7 +53,7 @@ def _load_compose(name: str) -> dict[str, Any]:
     return loaded
 
 
-@pytest.mark.parametrize("name", ["compose.yaml", "compose.sandbox.yaml"])
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.sandbox.yaml", "compose.sentinel.yaml"])
 def test_compose_files_follow_the_compose_spec(name: str) -> None:
     schema = _compose_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
@@ -74,6 +74,24 @@ def test_compose_runs_the_pool_as_the_issue_asks() -> None:
     assert services["storage-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
     sandbox = _load_compose("compose.sandbox.yaml")["services"]
     assert sandbox["worker"]["environment"]["APSIS_BASE_URL"].startswith("http://127.0.0.1")
+
+
+def test_the_sentinel_variant_points_every_process_at_three_sentinels() -> None:
+    services = _load_compose("compose.sentinel.yaml")["services"]
+    sentinels = [name for name in services if name.startswith("sentinel-")]
+    assert len(sentinels) == 3
+    for name in sentinels:
+        command = " ".join(services[name]["command"])
+        assert "sentinel monitor apsis redis 6379 2" in command and "--sentinel" in command
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 : replica.index("--replicaof") + 3] == [
+        "redis",
+        "6379",
+    ]
+    for role in ("webhook", "worker"):
+        env = services[role]["environment"]
+        assert env["REDIS_SENTINELS"] == ",".join(f"{n}:26379" for n in sentinels)
+        assert env["REDIS_SENTINEL_MASTER"] == "apsis" and env["REDIS_MIN_REPLICAS_ACK"] == "1"
 
 
 def _k8s_documents() -> list[tuple[str, dict[str, Any]]]:
