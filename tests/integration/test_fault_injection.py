@@ -398,6 +398,8 @@ def _check(
         stored = {manifest["source"]["object"]: manifest["source"]["sha256"]}
         stored |= {p["object"]: p["sha256"] for p in manifest["profiles"]}
         stored |= {r["object"]: r["sha256"] for r in manifest.get("reports", {}).values()}
+        if "package" in manifest:
+            stored[manifest["package"]["object"]] = manifest["package"]["sha256"]
         for path, digest in stored.items():
             if _sha256(storage.get_bytes(path)) != digest:
                 problems["bad_object"].append(f"{tag}: {path}")
