@@ -8,6 +8,7 @@ the previous one (for rotation).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import time
@@ -44,9 +45,18 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: str) -> hmac.HMAC:
+    # The HMAC state after the key and the domain prefix: every token of a secret starts
+    # from a copy of it (the webhook verifies one per callback, the pool issues one per
+    # request). A few entries: the current secret and the previous one.
+    return hmac.new(secret.encode(), b"callback:", hashlib.sha256)
+
+
 def _mac(secret: str, payload: str) -> bytes:
-    digest = hmac.new(secret.encode(), b"callback:" + payload.encode(), hashlib.sha256).digest()
-    return digest[:MAC_BYTES]
+    mac = _keyed(secret).copy()
+    mac.update(payload.encode())
+    return mac.digest()[:MAC_BYTES]
 
 
 def issue(job_id: str, attempt: int, *, secret: str, ttl: int, now: float | None = None) -> str:

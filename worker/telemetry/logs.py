@@ -40,19 +40,36 @@ def key_ref(export_key: str, secret: bytes) -> str:
     return digest[:KEY_REF_CHARS]
 
 
+#: One encoder for every line (``json.dumps(..., default=str)`` builds a new one each call).
+_ENCODE = json.JSONEncoder(default=str).encode
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the context fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The formatted second, reused by every line within it (strftime is most of the
+        # cost of a short line); one tuple, so threads always see a matching pair.
+        self._second: tuple[int, str] = (-1, "")
+
+    def _timestamp(self, created: float, msecs: float) -> str:
+        second, text = self._second
+        if int(created) != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+            self._second = (int(created), text)
+        return f"{text}.{int(msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = record.__dict__
         for field in CONTEXT_FIELDS:
-            value = record.__dict__.get(field)
+            value = fields.get(field)
             if value is not None:
                 line[field] = value
         if record.exc_info and record.exc_info[0] is not None:
@@ -61,7 +78,7 @@ class JsonFormatter(logging.Formatter):
             # carry personal data); enough for an engineer to find the bug.
             frames = traceback.extract_tb(record.exc_info[2])
             line["stack"] = [f"{f.filename}:{f.lineno} in {f.name}" for f in frames[-12:]]
-        return json.dumps(line, default=str)
+        return _ENCODE(line)
 
 
 class TextFormatter(logging.Formatter):
@@ -98,3 +115,8 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
     logging.getLogger("celery").setLevel(
         max(logging.getLevelNamesMapping().get(level.upper(), logging.INFO), logging.INFO)
     )
+    # Celery's two lines per task ("received", "succeeded in"), most of a worker's lines:
+    # our own name each step of each job. Failures (ERROR) stay; LOG_LEVEL=DEBUG shows all.
+    quiet = logging.INFO if level.upper() == "DEBUG" else logging.WARNING
+    for chatty in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(chatty).setLevel(quiet)

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -205,7 +205,13 @@ def _code_label(code: int | None) -> str:
 
 
 def callback_received(code: int | None, outcome: str) -> None:
-    metrics().callbacks_received.labels(_code_label(code), outcome).inc()
+    _callbacks_received(_code_label(code), outcome).inc()
+
+
+@functools.cache
+def _callbacks_received(code: str, outcome: str) -> Any:
+    # One labelled child per (code, outcome), looked up once: both come from small fixed sets.
+    return metrics().callbacks_received.labels(code, outcome)
 
 
 def callback_applied(code: int, outcome: str) -> None:
