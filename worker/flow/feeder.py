@@ -19,6 +19,7 @@ retry is due; nothing polls the limiter and nothing retries in a Celery task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from worker.errors import ConfigError, JobIdConflict, PermanentApsisError, RetryableApsisError
 from worker.flow import pipeline
@@ -65,6 +68,8 @@ TAKEN_STALE = 30.0
 #: with a node that died, or the pool is that busy): it goes back to its place. A second
 #: copy of a fetch that was only slow to start ends at once (the job's lease or state).
 FETCH_TAKEN_STALE = 60.0
+#: Seconds a request interrupted by a Redis outage waits before it leaves again.
+REDIS_RETRY_AFTER = 1.0
 
 # KEYS: the batch, its refused hash. ARGV: the item's index, the reason. Counts the item as
 # submitted and failed, once: 1 the first time, 0 after.
@@ -287,6 +292,17 @@ def _send(rt: Runtime, account: str, job_id: str, slot_at: float) -> None:
             "request back in line until its retry",
             extra={"job_id": job_id, "reason": later.reason, "retry_in": later.delay},
         )
+        return
+    except redis.RedisError as exc:
+        # Redis went away mid-send (a restart, a failover): back to its place as soon as
+        # Redis answers again, rather than after TAKEN_STALE. If it is still away, the
+        # request stays taken and the next feeder puts it back after TAKEN_STALE.
+        log.warning(
+            "request interrupted by Redis; back in line",
+            extra={"job_id": job_id, "reason": type(exc).__name__},
+        )
+        with contextlib.suppress(redis.RedisError):
+            rt.line.retry_later(account, job_id, time.time() + REDIS_RETRY_AFTER)
         return
     except Exception:
         # Left taken: the next feeder of this account puts it back after TAKEN_STALE.

@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,14 +58,22 @@ class FeedApsis:
             export=Limit(1000, 1.0), download=Limit(1000, 60.0), token=Limit(1000, 60.0)
         )
         self.tokens = _Tokens()
-        self.requested: list[str] = []
+        self._sent: list[tuple[float, str]] = []
         self._busy_once = set(busy_once or ())
 
-    def request_export(self, export_key: str, callback_url: str, **_: Any) -> None:
+    @property
+    def requested(self) -> list[str]:
+        """The keys in the order of the slots they were sent at (the feeder's sender threads
+        may run a moment out of that order on a loaded host; APSIS sees the slots' order)."""
+        return [key for _, key in sorted(self._sent)]
+
+    def request_export(
+        self, export_key: str, callback_url: str, *, send_at: float | None = None, **_: Any
+    ) -> None:
         if export_key in self._busy_once:
             self._busy_once.discard(export_key)
             raise RetryableApsisError("APSIS answered 429", status=429, retry_after=0.2)
-        self.requested.append(export_key)
+        self._sent.append((time.monotonic() if send_at is None else send_at, export_key))
 
 
 def clear_settings_env(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
 from job_support import FeedApsis, make_runtime
 
 from worker.errors import ApsisAuthError
@@ -338,3 +339,27 @@ def test_status_gauges_and_page_show_a_fetch_waiting_in_the_download_line() -> N
     assert [(r["line"], r["lane"], r["waiting"]) for r in page["lines"]] == [
         ("downloads", "single", 2)
     ]
+
+
+class _RedisGoneOnce(FeedApsis):
+    """Redis goes away (a failover) while the first request is being sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def request_export(self, export_key: str, callback_url: str, **kwargs: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise redis.ConnectionError("Connection closed by server.")
+        super().request_export(export_key, callback_url, **kwargs)
+
+
+def test_a_request_interrupted_by_a_redis_outage_is_back_in_line_at_once() -> None:
+    """Not after TAKEN_STALE (30 s): as soon as Redis answers again, about a second."""
+    apsis = _RedisGoneOnce()
+    rt = _rt(apsis)
+    _single(rt, "s1@x.test")
+    _serve_all(rt)  # serves until nothing waits (a request left taken would not count)
+    assert apsis.requested == ["s1@x.test"]
+    assert rt.jobs.get("s1").state == State.REQUESTED
