@@ -341,7 +341,7 @@ def test_status_gauges_and_page_show_a_fetch_waiting_in_the_download_line() -> N
     ]
 
 
-class _RedisGoneOnce(FeedApsis):
+class _RedisGoneOnce(FeedApsis):  # type: ignore[misc]
     """Redis goes away (a failover) while the first request is being sent."""
 
     def __init__(self) -> None:
