@@ -96,9 +96,10 @@ class Caller:
     def send(self, wave: list[tuple[str, str]]) -> None:
         deadline = time.monotonic() + 90
         while True:
+            primary = self._primary()
             for key, job_id in wave:
                 self._publish(key, job_id, deadline)
-            if self._confirmed():
+            if self._confirmed(primary):
                 return
             self.unconfirmed_waves += 1
             assert time.monotonic() < deadline, "no replica confirmed a wave for 90 s"
@@ -113,12 +114,27 @@ class Caller:
                 assert time.monotonic() < deadline, "no primary took a publish for 90 s"
                 time.sleep(0.2)
 
-    def _confirmed(self) -> bool:
+    def _primary(self) -> str | None:
+        """The primary's run id (None: no primary answered)."""
+        try:
+            return str(self.client.info("server")["run_id"])
+        except redis.RedisError:
+            time.sleep(0.2)
+            return None
+
+    def _confirmed(self, primary: str | None) -> bool:
+        """A replica holds everything the primary ran before this write — and the primary
+        is still the one that took the wave (WAIT on the new primary after a failover
+        confirms nothing the old one took and never passed on)."""
+        if primary is None:
+            return False
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.set("apsis:caller-confirm", repr(time.time()))
             pipe.wait(1, CALLER_WAIT_MS)
-            return int(pipe.execute()[1]) >= 1
+            pipe.info("server")
+            _, acked, server = pipe.execute()
+            return int(acked) >= 1 and str(server["run_id"]) == primary
         except redis.RedisError:
             time.sleep(0.2)
             return False
