@@ -163,11 +163,15 @@ def place_in_line(rt: Runtime, job_id: str) -> bool:
 def to_download(rt: Runtime, job: Job, dispatch: Dispatch) -> None:
     """Put a ready job on the download road: its account's download line, served at the
     account's download limit by the feeders (``worker.flow.feeder``), singles ahead of batch
-    items. When nothing else of the account is in that line, the fetch takes its slot here
-    and is dispatched at once, so a lone export resumes within milliseconds."""
+    items. When nothing waits ahead of it (fetches dispatched and not yet begun aside, up to
+    FETCH_AHEAD), its lane's next fetch takes a slot here and is dispatched at once, so an
+    export resumes within milliseconds unless the account's downloads are backed up."""
     account = job.account or rt.settings.APSIS_ACCOUNT
     lane = lane_of(job)
-    if rt.fetches.join(account, job.job_id, lane) == "alone":
+    joined = rt.fetches.join(account, job.job_id, lane)
+    if joined == "behind" and not rt.fetches.clear_ahead(account, lane, FETCH_AHEAD):
+        return  # others wait ahead, or the pool is busy: the feeder serves it in turn
+    if joined != "present":
         try:
             limit = rt.apsis_for(account).limits.download
         except ConfigError:

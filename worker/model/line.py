@@ -185,6 +185,16 @@ class DispatchLine:
         keys = [self._later(account), self._where(account), self._accounts_key]
         return bool(self._later_script(keys=keys, args=[job_id, lane, account, due]))
 
+    def clear_ahead(self, account: str, lane: str, taken_below: int) -> bool:
+        """Nothing waits in a lane ahead of ``lane`` and fewer than ``taken_below`` requests
+        are taken and not yet sent: the next slot may go to ``lane`` at once."""
+        pipe = self._client.pipeline(transaction=False)
+        for other in LANES[: LANES.index(lane)]:
+            pipe.zcard(self._lane(account, other))
+        pipe.zcard(self._taken(account))
+        *ahead, taken = pipe.execute()
+        return not any(ahead) and int(taken) < taken_below
+
     def taken_count(self, account: str) -> int:
         """Requests taken and not yet sent (for downloads: dispatched, not yet begun)."""
         return int(self._client.zcard(self._taken(account)))

@@ -149,3 +149,20 @@ def test_a_batch_whose_last_job_fails_by_callback_is_finalized_at_once() -> None
     assert pipeline.apply_callback(rt, last, Dispatched()) == "failed"
     # Not left for the watchdog to notice minutes later: the batch is finalized now.
     assert (batch_store.FINALIZE_TASK, ["b1"]) in sent
+
+
+def test_a_ready_export_is_dispatched_at_once_while_another_fetch_is_starting() -> None:
+    """A fetch dispatched and not yet begun does not make the next ready export wait for
+    the feeder (its resume latency): with a slot free, it leaves at once; with FETCH_AHEAD
+    fetches waiting for a worker, it waits in line."""
+    rt = make_runtime(APSIS_DOWNLOAD_RATE=6000)
+    job_ids = [f"j{n}" for n in range(pipeline.FETCH_AHEAD + 1)]
+    for job_id in job_ids:
+        pipeline.submit(rt, f"{job_id}@example.com", options=ExportOptions(), job_id=job_id)
+        rt.jobs.transition(job_id, State.REQUESTED)
+    sent = Dispatched()
+    for n, job_id in enumerate(job_ids):
+        callback = Callback(f"{n + 7}-0", job_id, 1, 200, "https://x/y", 0.0)
+        assert pipeline.apply_callback(rt, callback, sent) == "ready"
+    assert sent == [(pipeline.FETCH_TASK, [j]) for j in job_ids[: pipeline.FETCH_AHEAD]]
+    assert rt.fetches.place(rt.settings.APSIS_ACCOUNT, job_ids[-1]) is not None
