@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import ijson
-from ijson.common import ObjectBuilder
 
 from worker.deliverable import csv_cells, manifest
 from worker.deliverable.export_file import ProfileDocument, SplitResult, sha256_file
-from worker.deliverable.report import compact_json, esc, write_report
+from worker.deliverable.report import EventWalker, compact_json, esc, write_report
 from worker.deliverable.storage import Storage
 from worker.model.jobs import Job
 
@@ -46,8 +45,6 @@ HISTORY_COLUMNS = ("attribute", "discriminator", "changed_at", "value")
 EVENT_COLUMNS = ("event", "discriminator", "event_time", "data")
 
 _Event = tuple[str, Any]
-_OPEN = ("start_map", "start_array")
-_CLOSE = ("end_map", "end_array")
 
 
 @dataclass(frozen=True)
@@ -236,7 +233,7 @@ class _Member:
         return PackageFile(self.name, self._hash.hexdigest(), self.bytes, holds)
 
 
-class _ProfileCsv:
+class _ProfileCsv(EventWalker):
     """Walk one profile document (ijson events, never the whole of it) into CSV members.
 
     Per section: ``history.csv`` streams while the attributes are read, then
@@ -349,43 +346,12 @@ class _ProfileCsv:
 
     # -- ijson plumbing -----------------------------------------------------------------
 
-    def _keys(self) -> Iterator[str]:
-        for event, value in self._events:
-            if event == "end_map":
-                return
-            yield value
-
     def _until_array_end(self) -> Iterator[_Event]:
         """The first event of each item of the array just opened."""
         for event, value in self._events:
             if event == "end_array":
                 return
             yield event, value
-
-    def _rest_of_container(self) -> Iterator[_Event]:
-        depth = 1
-        for event, value in self._events:
-            yield event, value
-            if event in _OPEN:
-                depth += 1
-            elif event in _CLOSE:
-                depth -= 1
-                if depth == 0:
-                    return
-
-    def _skip(self, event: str) -> None:
-        if event in _OPEN:
-            for _ in self._rest_of_container():
-                pass
-
-    def _build(self, event: str, value: Any) -> Any:
-        if event not in _OPEN:
-            return value
-        builder = ObjectBuilder()
-        builder.event(event, value)
-        for inner, inner_value in self._rest_of_container():
-            builder.event(inner, inner_value)
-        return builder.value
 
 
 def store_package(

@@ -379,32 +379,11 @@ def read_sections(path: Path, *, max_rows: int = MAX_ROWS_PER_TABLE) -> Iterator
         yield from _SectionReader(f, max_rows).run()
 
 
-class _SectionReader:
-    """Recursive descent over ijson events: builds only the rows it keeps."""
+class EventWalker:
+    """Recursive descent over a stream of ijson events (``_events``): the steps every reader
+    of a profile document shares (the report's, the package's CSV files)."""
 
-    def __init__(self, f: IO[bytes], max_rows: int) -> None:
-        self._events: Iterator[_Event] = iter(
-            ijson.basic_parse(f, use_float=True, buf_size=READ_CHUNK_BYTES)
-        )
-        self._max = max_rows
-
-    def run(self) -> Iterator[_Section]:
-        event, _ = next(self._events)
-        if event != "start_map":
-            return
-        for key in self._keys():
-            event, _ = next(self._events)
-            if key == "sections" and event == "start_map":
-                for disc in self._keys():
-                    event, _ = next(self._events)
-                    section = _Section(discriminator=disc)
-                    if event == "start_map":
-                        self._read_section(section)
-                    else:
-                        self._skip(event)
-                    yield section
-            else:
-                self._skip(event)
+    _events: Iterator[_Event]
 
     def _keys(self) -> Iterator[str]:
         for event, value in self._events:
@@ -437,6 +416,34 @@ class _SectionReader:
         for inner, inner_value in self._rest_of_container():
             builder.event(inner, inner_value)
         return builder.value
+
+
+class _SectionReader(EventWalker):
+    """Recursive descent over ijson events: builds only the rows it keeps."""
+
+    def __init__(self, f: IO[bytes], max_rows: int) -> None:
+        self._events: Iterator[_Event] = iter(
+            ijson.basic_parse(f, use_float=True, buf_size=READ_CHUNK_BYTES)
+        )
+        self._max = max_rows
+
+    def run(self) -> Iterator[_Section]:
+        event, _ = next(self._events)
+        if event != "start_map":
+            return
+        for key in self._keys():
+            event, _ = next(self._events)
+            if key == "sections" and event == "start_map":
+                for disc in self._keys():
+                    event, _ = next(self._events)
+                    section = _Section(discriminator=disc)
+                    if event == "start_map":
+                        self._read_section(section)
+                    else:
+                        self._skip(event)
+                    yield section
+            else:
+                self._skip(event)
 
     def _read_capped(self, kept: list[dict[str, Any]], row: Callable[[Any], dict[str, Any]]) -> int:
         """Read the array just opened, appending ``row(item)`` while ``kept`` has room for
