@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from worker.model.pinned import PinnedScript
 from worker.model.replicas import OFF, ReplicaAck
 
 #: The stream's name and its consumer group's.
@@ -96,7 +97,8 @@ class Inbox:
         self.stream = stream
         self.group = group
         self._group_ready = False
-        self._record = client.register_script(_RECORD)
+        # The webhook's one call per callback, on a connection each of its threads keeps.
+        self._record = PinnedScript(client, _RECORD, replicas=replicas)
 
     def record(
         self,
@@ -114,9 +116,7 @@ class Inbox:
 
         Returns (outcome, entry id if recorded); see _RECORD for the outcomes.
         """
-        answer: Any = self.replicas.run(
-            self._client,
-            self._record,
+        answer: Any = self._record(
             keys=[job_key, f"apsis:flood:{job_id}", self.stream],
             args=[attempt, code, message, repr(time.time()), flood_limit, flood_window, job_id],
         )
