@@ -21,6 +21,7 @@ from worker.config import Settings, load_settings
 from worker.model import callback_token
 from worker.model.inbox import STREAM, Inbox
 from worker.model.jobs import ExportOptions, JobStore, State
+from worker.telemetry import metrics
 
 SECRET = secrets.token_urlsafe(48)
 PREVIOUS = secrets.token_urlsafe(48)
@@ -367,6 +368,31 @@ def test_redis_down_answers_503_with_retry_after(webhook: Webhook) -> None:
     webhook.server.connected = True
     assert webhook.inbox_length() == 0
     assert webhook.state() == State.REQUESTED
+
+
+def _received(code: str, outcome: str) -> float:
+    value: float = metrics.metrics().callbacks_received.labels(code, outcome)._value.get()
+    return value
+
+
+def test_chunked_body_over_limit_refused(webhook: Webhook) -> None:
+    # No Content-Length to refuse on: the body is read up to the limit, and refused past it.
+    response = webhook.client.post(
+        f"/callbacks/{webhook.token()}",
+        data=b'{"code": 200, "message": "' + b"x" * MAX_BYTES + b'"}',
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked"},  # werkzeug then ignores Content-Length
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert _assert_refused(response, 413, webhook)["error"] == "too_large"
+
+
+def test_answers_from_error_handlers_are_counted_by_status(webhook: Webhook) -> None:
+    before = _received("200", "http_503")
+    webhook.server.connected = False
+    assert webhook.post(body={"code": 200, "message": DOWNLOAD_URL}).status_code == 503
+    webhook.server.connected = True
+    assert _received("200", "http_503") == before + 1
 
 
 def test_health_answers_ok(webhook: Webhook) -> None:
