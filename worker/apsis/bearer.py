@@ -89,6 +89,9 @@ class TokenCache:
         self._clock = clock
         self._drop = client.register_script(_DROP_IF_SAME)
         self._unlock = client.register_script(_UNLOCK)
+        #: The token this process last read from the pool's cache, served without asking
+        #: Redis again until its renewal time (every APSIS call needs it: 2-4 per export).
+        self._memo: BearerToken | None = None
 
     def _cached(self) -> BearerToken | None:
         raw = self._client.get(self._key)
@@ -99,15 +102,20 @@ class TokenCache:
 
     def get(self) -> str:
         """A valid token: the cached one, or a fresh one fetched by exactly one process."""
+        memo = self._memo
+        if memo is not None and self._clock() < memo.renew_at():
+            return memo.token
         deadline = self._clock() + WAIT_FOR_REFRESH
         while True:
             now = self._clock()
             cached = self._cached()
             if cached is not None and now < cached.renew_at():
+                self._memo = cached
                 return cached.token
             if self._try_refresh():
                 cached = self._cached()
                 if cached is not None:
+                    self._memo = cached
                     return cached.token
             elif cached is not None and cached.usable(now):
                 # Someone else is renewing; the current token is still good meanwhile.
@@ -138,4 +146,7 @@ class TokenCache:
 
     def invalidate(self, token: str) -> None:
         """Forget ``token`` (APSIS refused it) unless another process already replaced it."""
+        memo = self._memo
+        if memo is not None and memo.token == token:
+            self._memo = None
         self._drop(keys=[self._key], args=[token])

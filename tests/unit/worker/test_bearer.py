@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import fakeredis
 import pytest
@@ -181,6 +182,44 @@ def test_invalidate_drops_only_the_token_that_failed(
     assert fresh == "token-2"
     cache.invalidate(stale)  # a late 401 for the old token must not drop the new one
     assert cache.get() == fresh
+    assert issuer.fetches == 2
+
+
+class _CountingRedis(fakeredis.FakeRedis):
+    gets = 0
+
+    def get(self, name: Any) -> Any:
+        self.gets += 1
+        return super().get(name)
+
+
+def test_a_process_serves_its_token_without_asking_redis_until_renewal(
+    server: fakeredis.FakeServer, clock: Clock
+) -> None:
+    issuer = Issuer(clock)
+    client = _CountingRedis(server=server)
+    cache = TokenCache(client, "acct", issuer, clock=clock)
+    assert cache.get() == "token-1"
+    asked = client.gets
+    clock.now = START + 21 * HOUR
+    assert [cache.get() for _ in range(50)] == ["token-1"] * 50
+    assert client.gets == asked
+    clock.now = START + 23 * HOUR  # its last tenth: renewed through the pool's cache
+    assert cache.get() == "token-2"
+    assert issuer.fetches == 2
+
+
+def test_a_token_another_process_replaced_is_served_until_apsis_refuses_it(
+    server: fakeredis.FakeServer, clock: Clock
+) -> None:
+    issuer = Issuer(clock)
+    ours, theirs = cache_for(server, issuer, clock), cache_for(server, issuer, clock)
+    assert ours.get() == "token-1"
+    theirs.invalidate(theirs.get())  # APSIS refused token-1 to them
+    assert theirs.get() == "token-2"
+    assert ours.get() == "token-1"  # still within its lifetime: no call to Redis
+    ours.invalidate("token-1")  # and refused to us too
+    assert ours.get() == "token-2"
     assert issuer.fetches == 2
 
 
