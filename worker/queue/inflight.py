@@ -23,8 +23,12 @@ credit (credit is taken away while a BLMOVE waits in Redis, which we cannot call
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from typing import Any
+
+import redis
 
 from worker.queue.nodes import CLAIMING_NODES, claims_key
 
@@ -124,5 +128,20 @@ def claim(
     if node is not None and queue is not None:
         keys += [claims_key(node), CLAIMING_NODES]
         args += [node, queue]
-    claimed: int = client.eval(CLAIM, len(keys), *keys, *args)
+    claimed: int = _run(client, CLAIM, keys, args)
     return claimed == 1
+
+
+@functools.cache
+def _sha(script: str) -> str:
+    # The name Redis gives the script (SCRIPT LOAD), not a security measure.
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+def _run(client: Any, script: str, keys: list[Any], args: list[Any]) -> Any:
+    """EVALSHA, and EVAL only when Redis does not know the script (the claim runs for every
+    task message: sending its text each time costs bytes and a SHA1 on the server)."""
+    try:
+        return client.evalsha(_sha(script), len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return client.eval(script, len(keys), *keys, *args)
