@@ -4,7 +4,9 @@ beside a bare Flask endpoint that does nothing, served with the same gunicorn se
 Run: python -m bench.webhook_throughput [seconds_per_round]. Load comes from other processes
 (keep-alive http.client connections); the two sides alternate, ROUNDS rounds each. Every
 callback is valid: a code-100 callback for a real job in state ``requested`` (no worker
-runs, so each one is verified, flood-checked and appended to the inbox).
+runs, so each one is verified, flood-checked and appended to the inbox). Beside the rates,
+the CPU each side's server processes spent per answer (and Redis's, for the webhook's one
+write), read from /proc: this shared host's neighbours move a rate more than a cost.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import threading
 import time
 from typing import Any
 
-from bench.report import bench_stack, emit, redis_of
+from bench.report import (
+    bench_stack,
+    emit,
+    group_cpu_seconds,
+    pid_cpu_seconds,
+    redis_of,
+    redis_server_pid,
+)
 from worker.cli.embedded import free_port
 from worker.cli.stack import wait_http
 from worker.model import callback_token
@@ -124,6 +133,9 @@ def make_jobs(stack: Any, jobs: int) -> list[str]:
 def main(seconds: float = SECONDS) -> dict[str, Any]:
     results: dict[str, list[float]] = {"webhook": [], "bare": []}
     statuses: dict[str, dict[int, int]] = {"webhook": {}, "bare": {}}
+    # CPU seconds of the server's processes (and of Redis) while each side was loaded: what
+    # a callback costs, less moved by this host's neighbours than the rate.
+    cpu: dict[str, list[float]] = {"webhook": [0.0, 0.0], "bare": [0.0, 0.0]}
     with bench_stack(workers=0) as stack:
         paths = make_jobs(stack, JOBS)
         webhook_port = int(stack.webhook_url.rsplit(":", 1)[1])
@@ -134,13 +146,20 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        groups = {"webhook": stack.webhook.pid if stack.webhook else 0, "bare": bare.pid}
+        redis_pid = redis_server_pid(stack)
         try:
             wait_http(f"http://127.0.0.1:{bare_port}/healthz")
             for port in (webhook_port, bare_port):
                 load(port, paths, WARMUP)
             for _ in range(ROUNDS):
                 for side, port in (("webhook", webhook_port), ("bare", bare_port)):
+                    server_before = group_cpu_seconds([groups[side]])
+                    redis_before = pid_cpu_seconds(redis_pid) if redis_pid else 0.0
                     rate, seen = load(port, paths, seconds)
+                    cpu[side][0] += group_cpu_seconds([groups[side]]) - server_before
+                    if redis_pid:
+                        cpu[side][1] += pid_cpu_seconds(redis_pid) - redis_before
                     results[side].append(rate)
                     for status, count in seen.items():
                         statuses[side][status] = statuses[side].get(status, 0) + count
@@ -151,12 +170,15 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for side in ("webhook", "bare"):
         non2xx = sum(c for s, c in statuses[side].items() if not 200 <= s < 300)
+        answered = max(1, sum(statuses[side].values()))
         rows.append(
             {
                 "endpoint": side,
                 **{f"round{i + 1}_per_s": round(r, 1) for i, r in enumerate(results[side])},
                 "mean_per_s": round(sum(results[side]) / len(results[side]), 1),
                 "non_2xx": non2xx,
+                "server_cpu_us": round(1e6 * cpu[side][0] / answered),
+                "redis_cpu_us": round(1e6 * cpu[side][1] / answered),
             }
         )
     ratio = rows[0]["mean_per_s"] / rows[1]["mean_per_s"]
@@ -164,7 +186,9 @@ def main(seconds: float = SECONDS) -> dict[str, Any]:
     summary = (
         f"webhook_throughput: {rows[0]['mean_per_s']:,.0f} callbacks/s vs bare "
         f"{rows[1]['mean_per_s']:,.0f} req/s = {100 * ratio:.0f}% (goal >= {100 * GOAL:.0f}%: "
-        f"{verdict}); gunicorn gthread 2x4, {LOADERS}x{CONNECTIONS} keep-alive connections"
+        f"{verdict}); gunicorn gthread 2x4, {LOADERS}x{CONNECTIONS} keep-alive connections; "
+        f"CPU per answer {rows[0]['server_cpu_us']} us (+{rows[0]['redis_cpu_us']} us in Redis) "
+        f"vs {rows[1]['server_cpu_us']} us"
     )
     return emit(
         "webhook_throughput",
