@@ -9,7 +9,9 @@ new one (single flight) while the others keep using the current token or wait br
 from __future__ import annotations
 
 import base64
+import collections
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -92,6 +94,10 @@ class TokenCache:
         #: The token this process last read from the pool's cache, served without asking
         #: Redis again until its renewal time (every APSIS call needs it: 2-4 per export).
         self._memo: BearerToken | None = None
+        #: Tokens APSIS refused to this process: never kept or served again, even when a
+        #: thread read one from Redis just before another thread's 401 dropped it.
+        self._refused: collections.deque[str] = collections.deque(maxlen=8)
+        self._memo_lock = threading.Lock()
 
     def _cached(self) -> BearerToken | None:
         raw = self._client.get(self._key)
@@ -103,19 +109,19 @@ class TokenCache:
     def get(self) -> str:
         """A valid token: the cached one, or a fresh one fetched by exactly one process."""
         memo = self._memo
-        if memo is not None and self._clock() < memo.renew_at():
+        if memo is not None and self._clock() < memo.renew_at() and memo.token not in self._refused:
             return memo.token
         deadline = self._clock() + WAIT_FOR_REFRESH
         while True:
             now = self._clock()
             cached = self._cached()
             if cached is not None and now < cached.renew_at():
-                self._memo = cached
+                self._keep(cached)
                 return cached.token
             if self._try_refresh():
                 cached = self._cached()
                 if cached is not None:
-                    self._memo = cached
+                    self._keep(cached)
                     return cached.token
             elif cached is not None and cached.usable(now):
                 # Someone else is renewing; the current token is still good meanwhile.
@@ -123,6 +129,11 @@ class TokenCache:
             if now > deadline:
                 raise RetryableApsisError("timed out waiting for another process's token refresh")
             time.sleep(POLL_INTERVAL)
+
+    def _keep(self, token: BearerToken) -> None:
+        with self._memo_lock:
+            if token.token not in self._refused:
+                self._memo = token
 
     def _try_refresh(self) -> bool:
         owner = uuid.uuid4().hex
@@ -146,7 +157,8 @@ class TokenCache:
 
     def invalidate(self, token: str) -> None:
         """Forget ``token`` (APSIS refused it) unless another process already replaced it."""
-        memo = self._memo
-        if memo is not None and memo.token == token:
-            self._memo = None
+        with self._memo_lock:
+            self._refused.append(token)
+            if self._memo is not None and self._memo.token == token:
+                self._memo = None
         self._drop(keys=[self._key], args=[token])

@@ -223,6 +223,34 @@ def test_a_token_another_process_replaced_is_served_until_apsis_refuses_it(
     assert issuer.fetches == 2
 
 
+class _RacingRedis(fakeredis.FakeRedis):
+    """Runs ``meanwhile`` once, between reading the cached token and handing it back."""
+
+    meanwhile: Any = None
+
+    def get(self, name: Any) -> Any:
+        value = super().get(name)
+        if self.meanwhile is not None:
+            then, self.meanwhile = self.meanwhile, None
+            then()
+        return value
+
+
+def test_a_token_refused_while_another_thread_read_it_is_not_kept(
+    server: fakeredis.FakeServer, clock: Clock
+) -> None:
+    issuer = Issuer(clock)
+    assert cache_for(server, issuer, clock).get() == "token-1"  # in the pool's cache
+    client = _RacingRedis(server=server)
+    cache = TokenCache(client, "acct", issuer, clock=clock)
+    # This thread reads token-1 from Redis; before it keeps it, APSIS refuses token-1 to
+    # another thread of the process, which drops it. Its retry must get a new token.
+    client.meanwhile = lambda: cache.invalidate("token-1")
+    assert cache.get() == "token-1"
+    assert cache.get() == "token-2"
+    assert issuer.fetches == 2
+
+
 def test_an_already_expired_token_is_refused(server: fakeredis.FakeServer, clock: Clock) -> None:
     def expired() -> BearerToken:
         return BearerToken("old", START - 2 * DAY, START - DAY)
