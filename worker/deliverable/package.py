@@ -258,15 +258,8 @@ class _ProfileCsv(EventWalker):
     def run(self) -> None:
         with self._profile.path.open("rb") as f:
             self._events = iter(ijson.basic_parse(f, use_float=True, buf_size=READ_CHUNK_BYTES))
-            event, _ = next(self._events)
-            if event != "start_map":
-                return
-            for key in self._keys():
-                event, _ = next(self._events)
-                if key == "sections" and event == "start_map":
-                    self._sections()
-                else:
-                    self._skip(event)
+            for _ in self._at_sections():
+                self._sections()
 
     def _what(self, section: str) -> str:
         return f"profile {self._profile.index + 1} ({self._profile.role}), section {section}"

@@ -385,6 +385,19 @@ class EventWalker:
 
     _events: Iterator[_Event]
 
+    def _at_sections(self) -> Iterator[None]:
+        """Walk the document's top-level map, skipping every member but ``sections``: yields
+        once, just inside that map, for the caller to read it to its end."""
+        event, _ = next(self._events)
+        if event != "start_map":
+            return
+        for key in self._keys():
+            event, _ = next(self._events)
+            if key == "sections" and event == "start_map":
+                yield
+            else:
+                self._skip(event)
+
     def _keys(self) -> Iterator[str]:
         for event, value in self._events:
             if event == "end_map":
@@ -428,22 +441,15 @@ class _SectionReader(EventWalker):
         self._max = max_rows
 
     def run(self) -> Iterator[_Section]:
-        event, _ = next(self._events)
-        if event != "start_map":
-            return
-        for key in self._keys():
-            event, _ = next(self._events)
-            if key == "sections" and event == "start_map":
-                for disc in self._keys():
-                    event, _ = next(self._events)
-                    section = _Section(discriminator=disc)
-                    if event == "start_map":
-                        self._read_section(section)
-                    else:
-                        self._skip(event)
-                    yield section
-            else:
-                self._skip(event)
+        for _ in self._at_sections():
+            for disc in self._keys():
+                event, _ = next(self._events)
+                section = _Section(discriminator=disc)
+                if event == "start_map":
+                    self._read_section(section)
+                else:
+                    self._skip(event)
+                yield section
 
     def _read_capped(self, kept: list[dict[str, Any]], row: Callable[[Any], dict[str, Any]]) -> int:
         """Read the array just opened, appending ``row(item)`` while ``kept`` has room for
