@@ -91,13 +91,12 @@ class Inbox:
         replicas: ReplicaAck = OFF,
     ) -> None:
         self._client = client
-        #: A recorded callback is confirmed by this many replicas before record() returns
-        #: (the webhook answers 2xx only then).
-        self.replicas = replicas
         self.stream = stream
         self.group = group
         self._group_ready = False
-        # The webhook's one call per callback, on a connection each of its threads keeps.
+        # The webhook's one call per callback, on a connection each of its threads keeps;
+        # confirmed by ``replicas`` replicas before record() returns (the webhook answers
+        # 2xx only then).
         self._record = PinnedScript(client, _RECORD, replicas=replicas)
 
     def record(
