@@ -1,23 +1,41 @@
-"""A Flask endpoint that does nothing, served with the webhook's gunicorn settings: its floor.
+"""The webhook's floors, served with its gunicorn settings: a Flask endpoint that does
+nothing, and one that makes only the webhook's one Redis write.
 
-Run: python -m bench.bare_app PORT [WORKERS] [THREADS] (bench/webhook_throughput starts it).
+Run: python -m bench.bare_app PORT [WORKERS] [THREADS] [--write] (bench/webhook_throughput
+starts both). ``--write`` (REDIS_URL from the environment): each request reads its body and
+records a code-100 callback for the job its path names, through the webhook's own
+``Inbox.record`` (the same script on the same kind of connection), then answers 202 with no
+body: no token check, no validation, no metrics. The webhook against this floor is what its
+own code costs beyond the write a callback must make before its 2xx.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 from bench.report import WEBHOOK_THREADS, WEBHOOK_WORKERS
+from webhook.app import WEBHOOK_REDIS_TIMEOUT
+from webhook.callbacks import FLOOD_LIMIT, FLOOD_WINDOW_SECONDS
 from webhook.serve import gunicorn_options, run_gunicorn
+from worker.config import load_settings
+from worker.flow.runtime import redis_client
+from worker.model.inbox import Inbox
+from worker.model.jobs import JobStore
 
 
-def create_app() -> Flask:
+def create_app(*, write: bool = False) -> Flask:
     app = Flask("bare")
+    record = _writer() if write else None
 
     @app.post("/callbacks/<token>")
     def receive(token: str) -> Response:
+        if record is not None:
+            body = request.environ["wsgi.input"].read(request.content_length or 0)
+            if record(token, body) != "recorded":  # the bench counts it as a failure
+                return Response(b"", status=500)
         return Response(b"", status=202)
 
     @app.get("/healthz")
@@ -27,9 +45,30 @@ def create_app() -> Flask:
     return app
 
 
+def _writer() -> Any:
+    client = redis_client(load_settings().redis_connection(), timeout=WEBHOOK_REDIS_TIMEOUT)
+    inbox, jobs = Inbox(client), JobStore(client)
+
+    def record(token: str, body: bytes) -> str:
+        job_id = token.rsplit(".", 3)[0]  # not verified: the floor is the write alone
+        outcome, _entry = inbox.record(
+            job_key=jobs.key(job_id),
+            job_id=job_id,
+            attempt=1,
+            code=100,
+            message="Callback verified",
+            flood_limit=FLOOD_LIMIT,
+            flood_window=FLOOD_WINDOW_SECONDS,
+        )
+        return outcome
+
+    return record
+
+
 if __name__ == "__main__":
-    port = int(sys.argv[1])
-    workers = int(sys.argv[2]) if len(sys.argv) > 2 else WEBHOOK_WORKERS
-    threads = int(sys.argv[3]) if len(sys.argv) > 3 else WEBHOOK_THREADS
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    port = int(args[0])
+    workers = int(args[1]) if len(args) > 1 else WEBHOOK_WORKERS
+    threads = int(args[2]) if len(args) > 2 else WEBHOOK_THREADS
     options = gunicorn_options(host="127.0.0.1", port=port, workers=workers, threads=threads)
-    run_gunicorn(create_app(), options)
+    run_gunicorn(create_app(write="--write" in sys.argv), options)
