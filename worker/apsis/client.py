@@ -334,14 +334,20 @@ class ApsisClient:
 
     # -- authenticated calls ------------------------------------------------------------
 
-    def _authorized(self, send: Callable[[str], requests.Response], what: str) -> requests.Response:
-        """Send with the shared token; on 401/403 refresh it once and retry once."""
+    def _authorized(
+        self, send: Callable[[str], requests.Response], what: str, *, kind: str, limit: Limit
+    ) -> requests.Response:
+        """Send with the shared token; on 401/403 refresh it once and retry once, at a new
+        ``kind`` slot: the refused request had its slot (APSIS may have counted it), and the
+        refresh (itself paced) can take longer than a slot, so the retry sent at once would
+        crowd the requests paced after it. RateLimited if no slot is free soon."""
         token = self.tokens.get()
         response = send(token)
         if response.status_code in (401, 403):
             response.close()
             self.tokens.invalidate(token)
             token = self.tokens.get()
+            self._pace(kind, limit)
             response = send(token)
             if response.status_code in (401, 403):
                 response.close()
@@ -395,7 +401,9 @@ class ApsisClient:
                 # Sent now, it would arrive nearer the next requests than the limit allows.
                 raise RateLimited(f"missed its export slot by {late * 1000:.0f} ms", retry_after=0)
         try:
-            response = self._authorized(send, "export request")
+            response = self._authorized(
+                send, "export request", kind="export", limit=self._limits.export
+            )
         except requests.RequestException as exc:
             raise RetryableApsisError(f"APSIS export request: {type(exc).__name__}") from None
         with response:
@@ -452,7 +460,9 @@ class ApsisClient:
 
         started = time.monotonic()
         try:
-            response = self._authorized(send, "download")
+            response = self._authorized(
+                send, "download", kind="download", limit=self._limits.download
+            )
         except requests.RequestException as exc:
             raise RetryableApsisError(f"APSIS download: {type(exc).__name__}") from None
         with response:

@@ -398,6 +398,23 @@ def test_an_expired_token_is_refreshed_once_and_the_request_retried_once(
     assert [d.export_key for d in state.definitions()] == ["A-1", "A-2"]
 
 
+def test_a_request_refused_for_its_token_is_retried_at_a_new_slot_not_at_once(
+    session: requests.Session, redis_client: fakeredis.FakeRedis, state: SandboxState
+) -> None:
+    # The refused request had its slot; its retry sent at once (after a token refresh that may
+    # itself wait for a token slot) would crowd the requests paced after it into a 429.
+    paced = Limits(export=Limit(5, 1.0), token=Limit(1000, 1.0))
+    client = make_client(session, redis_client, limits=paced)
+    export(client, "A-1")
+    state.set_faults({"default": {"expire_tokens": True}})
+
+    export(client, "A-2")
+
+    refused, retried = state.journal.entries(kind="export")[1:]
+    assert (refused["status"], retried["status"]) == (401, 202)
+    assert retried["ts"] - refused["ts"] >= 0.8 * paced.export.interval
+
+
 class Leaping:
     """A sandbox clock whose every reading is two days after the last: each token has
     expired by the time it is checked, however fresh (APSIS refusing every token)."""
