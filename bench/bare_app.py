@@ -2,11 +2,11 @@
 nothing, and one that makes only the webhook's one Redis write.
 
 Run: python -m bench.bare_app PORT [WORKERS] [THREADS] [--write] (bench/webhook_throughput
-starts both). ``--write`` (REDIS_URL from the environment): each request reads its body and
-records a code-100 callback for the job its path names, through the webhook's own
-``Inbox.record`` (the same script on the same kind of connection), then answers 202 with no
-body: no token check, no validation, no metrics. The webhook against this floor is what its
-own code costs beyond the write a callback must make before its 2xx.
+starts both). ``--write`` (the webhook's settings from the environment): each request reads
+its body and records a code-100 callback for the job its path names, through the inbox the
+webhook's own app factory builds (the same script on the same kind of connection), then
+answers 202 with no body: no token check, no validation, no metrics. The webhook against this
+floor is what its own code costs beyond the write a callback must make before its 2xx.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ from collections.abc import Callable
 from flask import Flask, Response, request
 
 from bench.report import WEBHOOK_THREADS, WEBHOOK_WORKERS
-from webhook.app import WEBHOOK_REDIS_TIMEOUT
+from webhook.app import create_app as create_webhook_app
 from webhook.callbacks import FLOOD_LIMIT, FLOOD_WINDOW_SECONDS
+from webhook.resources import resources
 from webhook.serve import gunicorn_options, run_gunicorn
-from worker.config import load_settings
-from worker.flow.runtime import redis_client
-from worker.model.inbox import Inbox
-from worker.model.jobs import JobStore
 
 
 def create_app(*, write: bool = False) -> Flask:
@@ -46,8 +43,9 @@ def create_app(*, write: bool = False) -> Flask:
 
 
 def _writer() -> Callable[[str], str]:
-    client = redis_client(load_settings().redis_connection(), timeout=WEBHOOK_REDIS_TIMEOUT)
-    inbox, jobs = Inbox(client), JobStore(client)
+    # The webhook's own inbox and job store (its client, timeout and replica setting).
+    res = resources(create_webhook_app())
+    inbox, jobs = res.inbox, res.jobs
 
     def record(token: str) -> str:
         job_id = token.rsplit(".", 3)[0]  # not verified: the floor is the write alone
